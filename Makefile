@@ -1,0 +1,31 @@
+# The two set-up commands of the README: `make run` (main job on the embedded defaults) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test bench clean-data
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch first, pinned: the CPU wheel; an unpinned torch would pull several GB of CUDA packages.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Main job on the embedded defaults: local DuckLake under ./data/ducklake, LanceDB under ./data/lancedb.
+run: install
+	$(BIN)/aegir labels import-samples
+	$(BIN)/aegir labels list
+	$(BIN)/aegir prompts export --dataset ornl_boston --dataset ornl_dc --out data/prompts/ornl_rooftops.parquet
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python bench/ingest.py
+
+clean-data:
+	rm -rf data/ducklake data/lancedb data/prompts

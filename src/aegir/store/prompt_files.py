@@ -1,0 +1,19 @@
+"""Prompt files: the prompts Arrow table as GeoParquet (EPSG:4326) and back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import geopandas as gpd
+import pyarrow as pa
+import shapely
+
+
+def write_prompts_geoparquet(prompts: pa.Table, path: str | Path) -> Path:
+    """Write ``prompts`` (WKB column ``prompt_geometry``) as GeoParquet with geometry column ``geometry``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame = prompts.drop_columns(["prompt_geometry"]).to_pandas()
+    geometry = shapely.from_wkb(prompts["prompt_geometry"].to_numpy(zero_copy_only=False))
+    gpd.GeoDataFrame(frame, geometry=geometry, crs="EPSG:4326").to_parquet(path)
+    return path

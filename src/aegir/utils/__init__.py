@@ -1,0 +1,1 @@
+"""Small, dependency-light helpers (geometry indexing, array utilities)."""

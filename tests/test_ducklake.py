@@ -1,0 +1,84 @@
+import duckdb
+import pyarrow as pa
+import pytest
+
+from aegir.config import Settings
+from aegir.store import ducklake
+
+
+def test_extensions_come_from_the_registry_packages():
+    for name in ("ducklake", "spatial"):
+        path = ducklake.extension_path(name)
+        assert path.is_file() and "site-packages" in str(path) and duckdb.__version__ in str(path)
+
+
+def test_missing_extension_package_is_a_clear_error():
+    with pytest.raises(ducklake.ExtensionMissingError, match=r"pip install duckdb-extension-nosuchthing==1\.5\.5"):
+        ducklake.extension_path("nosuchthing")
+
+
+def test_local_attach_creates_catalog_and_data_path(settings):
+    con = ducklake.connect(settings)
+    try:
+        assert con.execute("SELECT ST_AsText(ST_Point(1, 2))").fetchone()[0] == "POINT (1 2)"
+        assert ducklake.current_snapshot_id(con, settings) >= 0
+    finally:
+        con.close()
+    assert settings.ducklake_catalog.endswith("catalog.ducklake")
+    from pathlib import Path
+
+    assert Path(settings.ducklake_catalog).exists() and Path(settings.ducklake_data_path).is_dir()
+
+
+def test_production_attach_statement_postgres_and_s3():
+    settings = Settings(
+        ducklake_catalog="postgres:dbname=pv_lake host=db.internal user=aegir",
+        ducklake_data_path="s3://pv-bucket/lake/",
+        s3_region="auto",
+        s3_endpoint="acct.r2.cloudflarestorage.com",
+    )
+    assert ducklake.attach_statement(settings) == (
+        "ATTACH 'ducklake:postgres:dbname=pv_lake host=db.internal user=aegir' AS lake "
+        "(DATA_PATH 's3://pv-bucket/lake/')"
+    )
+    assert ducklake.needed_extensions(settings) == ["ducklake", "spatial", "postgres_scanner", "httpfs"]
+    secret = ducklake.s3_secret_statement(settings)
+    assert secret.startswith("CREATE OR REPLACE SECRET") and "PROVIDER credential_chain" in secret
+    assert "ENDPOINT 'acct.r2.cloudflarestorage.com'" in secret and "REGION 'auto'" in secret
+
+
+def test_local_settings_need_no_network_extensions(settings):
+    assert ducklake.needed_extensions(settings) == ["ducklake", "spatial"]
+    assert ducklake.s3_secret_statement(settings) is None
+
+
+def test_quotes_in_paths_are_escaped():
+    settings = Settings(ducklake_catalog="data/o'brien.ducklake", ducklake_data_path="data/o'brien/")
+    assert "'ducklake:data/o''brien.ducklake'" in ducklake.attach_statement(settings)
+
+
+@pytest.mark.parametrize("bad", ["Raw", "x-y", "", "a b", "drop;table", "ünï"])
+def test_dataset_names_are_validated(bad):
+    with pytest.raises(ValueError, match="dataset name"):
+        ducklake.label_table_name(bad)
+
+
+def _batch(hashes):
+    return pa.table({"row_hash": hashes, "dataset_name": ["t"] * len(hashes), "value": list(range(len(hashes)))})
+
+
+def test_failed_write_rolls_back_to_previous_snapshot(settings):
+    con = ducklake.connect(settings)
+    try:
+        empty = pa.table({"row_hash": pa.array([], pa.string())})
+        first = ducklake.write_label_batch(con, settings, "t", _batch(["a", "b"]), empty)
+        assert first.inserted == 2
+        bad = pa.table({"row_hash": ["c"], "dataset_name": ["t"], "value": ["not a number"]})
+        with pytest.raises(duckdb.Error):
+            ducklake.write_label_batch(con, settings, "t", bad, empty)
+        assert con.execute("SELECT count(*) FROM lake.raw_t").fetchone()[0] == 2
+        assert ducklake.current_snapshot_id(con, settings) == first.snapshot_id
+        again = ducklake.write_label_batch(con, settings, "t", _batch(["a", "b", "c"]), empty)
+        assert (again.inserted, again.already_present) == (1, 2)
+    finally:
+        con.close()
