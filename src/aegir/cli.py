@@ -22,6 +22,8 @@ labels_app = typer.Typer(help="PV label sets in the DuckLake lakehouse.", no_arg
 prompts_app = typer.Typer(help="Mask Factory prompts from lakehouse labels.", no_args_is_help=True)
 app.add_typer(labels_app, name="labels")
 app.add_typer(prompts_app, name="prompts")
+dataset_app = typer.Typer(help="The LanceDB training_data table.", no_args_is_help=True)
+app.add_typer(dataset_app, name="dataset")
 
 console = Console(soft_wrap=True)
 errors = Console(stderr=True, soft_wrap=True)
@@ -173,6 +175,76 @@ def prompts_export(
         _fail(str(exc))
     write_prompts_geoparquet(prompts, out)
     console.print(f"wrote {prompts.num_rows} prompts to {out}")
+
+
+@dataset_app.command("build")
+def dataset_build(
+    ctx: typer.Context,
+    images: Annotated[Optional[Path], typer.Option(help="Folder of image tiles (BMP, PNG, JPEG, GeoTIFF).")] = None,
+    masks: Annotated[Optional[Path], typer.Option(help="Folder of masks matched by file stem (PV where > 0).")] = None,
+    uri: Annotated[Optional[str], typer.Option(help="LanceDB table location (default: training_data under the LanceDB root).")] = None,
+    from_lakehouse: Annotated[bool, typer.Option("--from-lakehouse", help="One sample per lakehouse label on a tile of --images.")] = False,
+    dataset: Annotated[Optional[list[str]], typer.Option(help="With --from-lakehouse: label dataset(s).")] = None,
+    bbox: Annotated[Optional[str], typer.Option(help="With --from-lakehouse: min_lon,min_lat,max_lon,max_lat.")] = None,
+    s2_prefix: Annotated[Optional[str], typer.Option(help="With --from-lakehouse: S2 token (level ≤ 17).")] = None,
+    date_from: Annotated[Optional[str], typer.Option(help="With --from-lakehouse: earliest label date.")] = None,
+    date_to: Annotated[Optional[str], typer.Option(help="With --from-lakehouse: latest label date.")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Dataset name stored in the rows (default: from the folder / labels).")] = None,
+    chip_size: Annotated[int, typer.Option(help="With --from-lakehouse: chip size in pixels.")] = 256,
+    encoding: Annotated[str, typer.Option(help="Chip bytes: raw (fastest), png or tiff.")] = "raw",
+    msi: Annotated[Optional[Path], typer.Option(help="Folder of Sentinel-2 band files to cut co-registered MSI chips from.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Build (upsert) training_data rows from an image folder (+ masks) or from lakehouse labels."""
+    settings = _settings(ctx)
+    if images is None:
+        _fail("--images DIR is required (the tiles to cut chips from)")
+    from aegir.store.image_files import list_image_files
+
+    try:
+        total = len(list_image_files(images))
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    try:
+        with Progress(console=errors) as bar:
+            task = bar.add_task("building training_data", total=total)
+            advance = lambda n: bar.advance(task, n)  # noqa: E731
+            if from_lakehouse:
+                query = _label_query(dataset, bbox, s2_prefix, date_from, date_to, None)
+                report = pipelines.build_dataset_from_lakehouse(
+                    settings, query, images, uri, name, chip_size, encoding, str(msi) if msi else None, advance)
+            else:
+                report = pipelines.build_dataset_from_images(
+                    settings, images, masks, uri, name, encoding, str(msi) if msi else None, advance)
+    except (ValueError, FileNotFoundError, ducklake.StoreError) as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps(vars(report)))
+        return
+    console.print(f"{report.location}: {report.inserted} inserted, {report.updated} updated, version {report.version}",
+                  highlight=False)
+    for item in report.skipped:
+        errors.print(f"[yellow]skipped:[/] {item.get('file') or item.get('prompt')}: {item['reason']}", highlight=False)
+
+
+@dataset_app.command("info")
+def dataset_info(
+    ctx: typer.Context,
+    uri: Annotated[Optional[str], typer.Option(help="LanceDB table location (default: training_data under the LanceDB root).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Rows, versions, size, S2 coverage and class balance of a training_data table."""
+    try:
+        info = pipelines.dataset_info(_settings(ctx), uri)
+    except ducklake.StoreError as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps(info))
+        return
+    table = Table("field", "value")
+    for key, value in info.items():
+        table.add_row(key, str(value))
+    console.print(table)
 
 
 @app.command("dag")

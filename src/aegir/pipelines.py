@@ -16,7 +16,13 @@ import pyarrow as pa
 from hamilton import base, driver
 
 from aegir.config import Settings
-from aegir.dataflows import ingest_ducklake_labels, label_import, s2_indexing
+from aegir.dataflows import (
+    ingest_ducklake_labels,
+    label_import,
+    lance_writer,
+    s2_indexing,
+    training_sample_builder,
+)
 from aegir.store import ducklake
 from aegir.store.label_files import read_label_file
 
@@ -25,6 +31,7 @@ H3_RESOLUTION = 12
 STAGES: dict[str, tuple[ModuleType, ...]] = {
     "label_import": (label_import, s2_indexing),
     "prompts": (ingest_ducklake_labels,),
+    "training_samples": (training_sample_builder, lance_writer),
 }
 
 
@@ -135,3 +142,250 @@ def build_prompts(settings: Settings, query: ducklake.LabelQuery) -> pa.Table:
         )["prompts"]
     finally:
         con.close()
+
+
+# ---- training_data builds ----------------------------------------------------------------------------------
+
+# Chips per Lance commit: bounds memory (merge_insert hashes the incoming batch inside Lance's 300 MB pool;
+# 256 RGB 256² chips + masks ≈ 70 MB); each commit is a complete, readable version.
+BUILD_BATCH = 256
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    """Outcome of ``aegir dataset build``: rows upserted, the table version after the build (indexes included),
+    and every skipped input with its reason."""
+
+    location: str
+    inserted: int
+    updated: int
+    version: int
+    skipped: list[dict]
+
+
+def _footprint_wkb(chip) -> bytes:
+    """The chip's footprint polygon, WKB, EPSG:4326."""
+    import shapely
+    from rasterio.warp import transform_geom
+
+    left, bottom, right, top = chip.bounds
+    box = shapely.geometry.mapping(shapely.box(left, bottom, right, top))
+    return shapely.to_wkb(shapely.geometry.shape(transform_geom(chip.crs, "EPSG:4326", box)))
+
+
+def _write_training_batch(table, chips, masks, msi, dataset, encoding, mask_source, params) -> "lance_io.UpsertResult":
+    return run_stage(
+        "training_samples",
+        ["training_upsert", "training_indexes"],
+        {
+            "sample_chips": chips,
+            "sample_masks": masks,
+            "msi_chips": msi,
+            "dataset_name": dataset,
+            "chip_encoding": encoding,
+            "mask_source": mask_source,
+            "provenance_params": params,
+            "training_table": table,
+        },
+    )["training_upsert"]
+
+
+def _msi_for(chips, msi_dir: str | None) -> tuple[dict, list[dict]]:
+    """Co-registered Sentinel-2 chips (sample_id → Chip) for chips inside the scene in ``msi_dir``."""
+    if not msi_dir:
+        return {}, []
+    from aegir.dataflows import msi
+
+    files = msi.msi_band_files(msi_dir)
+    grid = msi.msi_scene_grid(files)
+    offset = msi.msi_dn_offset()
+    out, skipped = {}, []
+    for chip in chips:
+        try:
+            out[chip.extras["sample_id"]] = msi.msi_chip_for_bounds(files, grid, chip.bounds, chip.crs.to_string(), offset)
+        except msi.MsiError as exc:
+            skipped.append({"file": chip.source, "reason": f"no MSI chip: {exc}"})
+    return out, skipped
+
+
+def _tile_chip(path: Path, skipped: list[dict]):
+    """A loaded tile Chip, or None with the reason appended to ``skipped`` (corrupt, no georeference, all nodata)."""
+    from aegir.dataflows.vhr_loaders import named_tile_chip
+
+    try:
+        chip = named_tile_chip(str(path))
+    except (ValueError, OSError) as exc:
+        skipped.append({"file": str(path), "reason": str(exc)})
+        return None
+    if chip.valid is not None and not chip.valid.any():
+        skipped.append({"file": str(path), "reason": "every pixel is nodata"})
+        return None
+    return chip
+
+
+def _default_dataset_name(images_dir: str | Path) -> str:
+    """The images folder's name, or its parent's when it is called ``images`` (``jiang_pv01/images`` → jiang_pv01)."""
+    folder = Path(images_dir).resolve()
+    return folder.parent.name if folder.name == "images" else folder.name
+
+
+def build_dataset_from_images(
+    settings: Settings,
+    images_dir: str | Path,
+    masks_dir: str | Path | None = None,
+    uri: str | None = None,
+    dataset: str | None = None,
+    encoding: str = "raw",
+    msi_dir: str | None = None,
+    progress: Any = None,
+) -> BuildReport:
+    """One ``training_data`` row per image tile; masks matched by file stem (PV where > 0); prompt = tile footprint.
+
+    Tiles that cannot be used (unreadable, no georeference, all nodata, mask of another size) are skipped with the
+    reason; the rest of the build continues. Rows are keyed by uuid5(dataset:stem), so a rebuild upserts.
+    """
+    import dataclasses
+
+    from aegir.store import image_files, lance_io
+
+    images = image_files.list_image_files(images_dir)
+    masks_by_stem = image_files.mask_files_by_stem(masks_dir)
+    dataset = dataset or _default_dataset_name(images_dir)
+    table = lance_io.open_training_table(uri, settings.lancedb_root)
+    params = {"images_dir": str(Path(images_dir).resolve()), "masks_dir": str(masks_dir) if masks_dir else None}
+    skipped: list[dict] = []
+    totals = [0, 0]
+    for start in range(0, len(images), BUILD_BATCH):
+        chips, masks = [], {}
+        for path in images[start : start + BUILD_BATCH]:
+            chip = _tile_chip(path, skipped)
+            if progress:
+                progress(1)
+            if chip is None:
+                continue
+            if path.stem in masks_by_stem:
+                try:
+                    mask = image_files.read_mask(masks_by_stem[path.stem])
+                except ValueError as exc:
+                    skipped.append({"file": str(masks_by_stem[path.stem]), "reason": str(exc)})
+                    continue
+                if mask.shape != (chip.height, chip.width):
+                    skipped.append({"file": str(masks_by_stem[path.stem]),
+                                    "reason": f"mask is {mask.shape}, image {path.name} is {(chip.height, chip.width)}"})
+                    continue
+                masks[path.stem] = mask
+            extras = {**chip.extras, "sample_id": path.stem, "prompt_wkb": _footprint_wkb(chip)}
+            chips.append(dataclasses.replace(chip, extras=extras))
+        msi_chips, msi_skipped = _msi_for(chips, msi_dir)
+        skipped += msi_skipped
+        result = _write_training_batch(table, chips, masks, msi_chips, dataset, encoding, "ground_truth", params)
+        totals = [totals[0] + result.inserted, totals[1] + result.updated]
+    root, name = lance_io.resolve_table_location(uri, settings.lancedb_root)
+    return BuildReport(f"{root}/{name}", totals[0], totals[1], table.version, skipped)
+
+
+def dataset_info(settings: Settings, uri: str | None = None) -> dict:
+    """Rows, versions, size, S2 coverage and class balance of a ``training_data`` table."""
+    from aegir.store import lance_io
+
+    table = lance_io.open_training_table(uri, settings.lancedb_root, create=False)
+    return lance_io.table_summary(table) | lance_io.class_balance(table)
+
+
+def _prompt_chip(tile, prompt_wkb: bytes, chip_size: int, sample_id: str):
+    """A ``chip_size``² window of ``tile`` centred on the prompt's centroid (outside the tile: zero, invalid)."""
+    import dataclasses
+
+    import numpy as np
+    import shapely
+    from affine import Affine
+
+    from aegir.utils import geo
+
+    centroid = shapely.centroid(shapely.from_wkb(prompt_wkb))
+    col, row = geo.lonlat_to_pixel(tile.transform, tile.crs, centroid.x, centroid.y)
+    col0, row0 = int(np.floor(col)) - chip_size // 2, int(np.floor(row)) - chip_size // 2
+    pixels = np.zeros((tile.pixels.shape[0], chip_size, chip_size), dtype=tile.pixels.dtype)
+    valid = np.zeros((chip_size, chip_size), dtype=bool)
+    src_rows = slice(max(row0, 0), min(row0 + chip_size, tile.height))
+    src_cols = slice(max(col0, 0), min(col0 + chip_size, tile.width))
+    dst_rows = slice(src_rows.start - row0, src_rows.stop - row0)
+    dst_cols = slice(src_cols.start - col0, src_cols.stop - col0)
+    pixels[:, dst_rows, dst_cols] = tile.pixels[:, src_rows, src_cols]
+    tile_valid = np.ones((tile.height, tile.width), bool) if tile.valid is None else tile.valid
+    valid[dst_rows, dst_cols] = tile_valid[src_rows, src_cols]
+    transform = tile.transform @ Affine.translation(col0, row0)
+    extras = {**tile.extras, "sample_id": sample_id, "uuid": sample_id, "prompt_wkb": prompt_wkb, "tile": tile.source}
+    return dataclasses.replace(tile, pixels=pixels, valid=None if valid.all() else valid, transform=transform,
+                               extras=extras)
+
+
+def _label_mask(chip, label_wkbs: list[bytes]):
+    """(H, W) uint8 0/1: the polygon labels burnt into the chip grid (None when every label is a point)."""
+    import numpy as np
+    import shapely
+    from rasterio.features import rasterize
+    from rasterio.warp import transform_geom
+
+    polygons = [g for g in shapely.from_wkb(label_wkbs) if shapely.get_dimensions(g) == 2]
+    if not polygons:
+        return None
+    shapes = [transform_geom("EPSG:4326", chip.crs, shapely.geometry.mapping(g)) for g in polygons]
+    return rasterize(shapes, out_shape=(chip.height, chip.width), transform=chip.transform, fill=0,
+                     default_value=1, dtype="uint8").astype(np.uint8)
+
+
+def build_dataset_from_lakehouse(
+    settings: Settings,
+    query: ducklake.LabelQuery,
+    images_dir: str | Path,
+    uri: str | None = None,
+    dataset: str | None = None,
+    chip_size: int = 256,
+    encoding: str = "raw",
+    msi_dir: str | None = None,
+    progress: Any = None,
+) -> BuildReport:
+    """One row per lakehouse prompt that falls on a tile in ``images_dir``: a chip centred on the prompt, the
+    ground-truth mask burnt from every polygon label of the query touching the chip (points: no mask yet, the Mask
+    Factory makes it). Prompts on no tile are reported as skipped. Rows are keyed by the prompt uuid.
+    """
+    import shapely
+
+    from aegir.store import image_files, lance_io
+
+    prompts = build_prompts(settings, query)
+    geometries = shapely.from_wkb(prompts["prompt_geometry"].to_numpy(zero_copy_only=False))
+    wkbs = prompts["prompt_geometry"].to_pylist()
+    tree = shapely.STRtree(geometries)
+    table = lance_io.open_training_table(uri, settings.lancedb_root)
+    skipped: list[dict] = []
+    chips, masks, used = [], {}, set()
+    for path in image_files.list_image_files(images_dir):
+        tile = _tile_chip(path, skipped)
+        if progress:
+            progress(1)
+        if tile is None:
+            continue
+        footprint = shapely.from_wkb(_footprint_wkb(tile))
+        for index in tree.query(footprint, predicate="intersects"):
+            if index in used or not footprint.contains(shapely.centroid(geometries[index])):
+                continue
+            used.add(int(index))
+            chip = _prompt_chip(tile, wkbs[index], chip_size, prompts["uuid"][int(index)].as_py())
+            chip_area = shapely.from_wkb(_footprint_wkb(chip))
+            touching = [wkbs[i] for i in tree.query(chip_area, predicate="intersects")]
+            mask = _label_mask(chip, touching)
+            if mask is not None:
+                masks[chip.extras["sample_id"]] = mask
+            chips.append(chip)
+    skipped += [{"prompt": prompts["uuid"][i].as_py(), "reason": "no tile in the images folder covers its centroid"}
+                for i in range(prompts.num_rows) if i not in used]
+    datasets = sorted(set(prompts["dataset"].to_pylist())) or ["lakehouse"]
+    dataset = dataset or "+".join(datasets)
+    params = {"images_dir": str(Path(images_dir).resolve()), "query": repr(query), "chip_size": chip_size}
+    msi_chips, msi_skipped = _msi_for(chips, msi_dir)
+    result = _write_training_batch(table, chips, masks, msi_chips, dataset, encoding,
+                                   "lakehouse_labels", params)
+    root, name = lance_io.resolve_table_location(uri, settings.lancedb_root)
+    return BuildReport(f"{root}/{name}", result.inserted, result.updated, table.version, skipped + msi_skipped)

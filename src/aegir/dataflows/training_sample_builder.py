@@ -1,0 +1,146 @@
+"""Hamilton dataflow: chips + masks (+ MSI) → rows of the LanceDB ``training_data`` table.
+
+Inputs: ``sample_chips`` (list of :class:`~aegir.utils.types.Chip`, one per sample, each with ``extras["sample_id"]``
+and ``extras["prompt_wkb"]`` — the prompt geometry, WKB, EPSG:4326), ``sample_masks`` (sample_id → (H, W) uint8
+mask, 0/1, on the chip grid; missing = no mask yet), ``msi_chips`` (sample_id → co-registered Sentinel-2 Chip),
+``dataset_name``, ``chip_encoding`` ("raw" | "png" | "tiff"), ``mask_source``, ``provenance_params``.
+Output ``training_rows``: an Arrow table in ``TRAINING_DATA_SCHEMA``; ``sample_uuids`` are the lakehouse prompt
+uuid (``extras["uuid"]``) or uuid5 of ``dataset:sample_id``, so a rebuild upserts the same rows.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import shapely
+
+from aegir import __version__
+from aegir.store.chip_codec import encode_chip
+from aegir.store.lance_io import TRAINING_DATA_SCHEMA
+from aegir.utils import s2geometry
+from aegir.utils.types import Chip
+
+SAMPLE_NAMESPACE = uuid.UUID("5b0c7d3e-2f0a-4c61-9a53-0d8e3f1b7a42")
+S2_LEVELS = (10, 13, 17)
+H3_RESOLUTION = 12
+
+
+def sample_uuids(sample_chips: list[Chip], dataset_name: str) -> list[str]:
+    """The chip's ``extras["uuid"]`` (a lakehouse prompt's uuid) or uuid5 of ``<dataset>:<sample_id>``: stable."""
+    return [
+        c.extras.get("uuid") or str(uuid.uuid5(SAMPLE_NAMESPACE, f"{dataset_name}:{c.extras['sample_id']}"))
+        for c in sample_chips
+    ]
+
+
+def sample_centroids(sample_chips: list[Chip]) -> np.ndarray:
+    """(N, 2) lon, lat in degrees (EPSG:4326) of each sample's prompt geometry centroid."""
+    prompts = shapely.from_wkb([c.extras["prompt_wkb"] for c in sample_chips])
+    centroids = shapely.centroid(prompts)
+    return np.stack([shapely.get_x(centroids), shapely.get_y(centroids)], axis=1).reshape(-1, 2)
+
+
+def sample_s2_tokens(sample_centroids: np.ndarray) -> dict[int, np.ndarray]:
+    """S2 tokens at levels 10, 13, 17 of every sample centroid."""
+    lon, lat = sample_centroids[:, 0], sample_centroids[:, 1]
+    return {level: s2geometry.s2_tokens(lat, lon, level) for level in S2_LEVELS}
+
+
+def sample_h3_cells(sample_centroids: np.ndarray) -> np.ndarray:
+    """H3 resolution-12 cell of every sample centroid."""
+    return s2geometry.h3_cells(sample_centroids[:, 1], sample_centroids[:, 0], H3_RESOLUTION)
+
+
+def _timestamp(text: str | None) -> dt.datetime | None:
+    if not text:
+        return None
+    parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+
+
+def _mask_fields(mask: np.ndarray | None, encoding: str, mask_source: str) -> tuple[bytes | None, dict[str, Any]]:
+    if mask is None:
+        return None, {"mask_shape": None, "mask_encoding": None, "mask_source": None, "pv_fraction": None}
+    binary = (mask > 0).astype(np.uint8)
+    return encode_chip(binary * 255 if encoding == "png" else binary, encoding), {
+        "mask_shape": list(binary.shape),
+        "mask_encoding": encoding,
+        "mask_source": mask_source,
+        "pv_fraction": float(binary.mean()),
+    }
+
+
+def _msi_fields(msi: Chip | None) -> tuple[bytes | None, dict[str, Any]]:
+    if msi is None:
+        return None, {"msi_shape": None, "msi_dtype": None, "msi_bands": None}
+    return encode_chip(msi.pixels, "raw"), {
+        "msi_shape": list(msi.pixels.shape),
+        "msi_dtype": msi.pixels.dtype.name,
+        "msi_bands": list(msi.bands),
+    }
+
+
+def training_rows(
+    sample_chips: list[Chip],
+    sample_masks: dict[str, np.ndarray],
+    msi_chips: dict[str, Chip],
+    sample_uuids: list[str],
+    sample_centroids: np.ndarray,
+    sample_s2_tokens: dict[int, np.ndarray],
+    sample_h3_cells: np.ndarray,
+    dataset_name: str,
+    chip_encoding: str,
+    mask_source: str,
+    provenance_params: dict,
+) -> pa.Table:
+    """One ``training_data`` row per chip (schema ``TRAINING_DATA_SCHEMA``); masks are stored 0/1 (``png``: 0/255)."""
+    created_at = dt.datetime.now(dt.timezone.utc)
+    rows = []
+    for index, chip in enumerate(sample_chips):
+        sample_id = chip.extras["sample_id"]
+        mask_bytes, mask_meta = _mask_fields(sample_masks.get(sample_id), chip_encoding, mask_source)
+        msi_bytes, msi_meta = _msi_fields(msi_chips.get(sample_id))
+        metadata = {
+            "dataset": dataset_name,
+            "source_file": chip.source,
+            "sample_id": sample_id,
+            **{f"s2_token_l{level}": str(sample_s2_tokens[level][index]) for level in S2_LEVELS},
+            "h3_12": str(sample_h3_cells[index]),
+            "centroid_lat": float(sample_centroids[index, 1]),
+            "centroid_lon": float(sample_centroids[index, 0]),
+            "acquired_at": _timestamp(chip.acquired_at),
+            "sensor": chip.sensor,
+            "gsd_m": float(chip.gsd_m),
+            "crs": chip.crs.to_string(),
+            "transform": list(chip.transform)[:6],
+            "vhr_shape": list(chip.pixels.shape),
+            "vhr_dtype": chip.pixels.dtype.name,
+            "vhr_encoding": chip_encoding,
+            **msi_meta,
+            **mask_meta,
+            "provenance": {
+                "backend": mask_meta["mask_source"],
+                "backend_version": None,
+                "params_json": json.dumps({**provenance_params, "georeferenced": chip.georeferenced}, sort_keys=True),
+                "round": int(provenance_params.get("round", 0)),
+                "source_detection": None,
+                "created_at": created_at,
+                "code_version": __version__,
+            },
+        }
+        rows.append(
+            {
+                "uuid": sample_uuids[index],
+                "prompt_geometry": chip.extras["prompt_wkb"],
+                "vhr_image_chip": encode_chip(chip.pixels, chip_encoding),
+                "generated_mask": mask_bytes,
+                "msi_image_chip": msi_bytes,
+                "metadata": metadata,
+            }
+        )
+    return pa.Table.from_pylist(rows, schema=TRAINING_DATA_SCHEMA)
