@@ -1,6 +1,7 @@
 # The two set-up commands of the README: `make run` (main job on the embedded defaults) and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
+SHARED_DATA ?= ../shared/data
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -20,12 +21,15 @@ run: install
 	$(BIN)/aegir labels import-samples
 	$(BIN)/aegir labels list
 	$(BIN)/aegir prompts export --dataset ornl_boston --dataset ornl_dc --out data/prompts/ornl_rooftops.parquet
+	$(BIN)/aegir dataset build --images $(SHARED_DATA)/vhr/jiang_pv01/images --masks $(SHARED_DATA)/vhr/jiang_pv01/masks
+	$(BIN)/aegir dataset info
 
 test: install
 	$(BIN)/python -m pytest -q
 
 bench: install
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/loader.py
 
 clean-data:
 	rm -rf data/ducklake data/lancedb data/prompts

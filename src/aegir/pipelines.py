@@ -25,6 +25,7 @@ from aegir.dataflows import (
 )
 from aegir.store import ducklake
 from aegir.store.label_files import read_label_file
+from aegir.utils import geo
 
 H3_RESOLUTION = 12
 
@@ -163,16 +164,6 @@ class BuildReport:
     skipped: list[dict]
 
 
-def _footprint_wkb(chip) -> bytes:
-    """The chip's footprint polygon, WKB, EPSG:4326."""
-    import shapely
-    from rasterio.warp import transform_geom
-
-    left, bottom, right, top = chip.bounds
-    box = shapely.geometry.mapping(shapely.box(left, bottom, right, top))
-    return shapely.to_wkb(shapely.geometry.shape(transform_geom(chip.crs, "EPSG:4326", box)))
-
-
 def _write_training_batch(table, chips, masks, msi, dataset, encoding, mask_source, params) -> "lance_io.UpsertResult":
     return run_stage(
         "training_samples",
@@ -274,7 +265,7 @@ def build_dataset_from_images(
                                     "reason": f"mask is {mask.shape}, image {path.name} is {(chip.height, chip.width)}"})
                     continue
                 masks[path.stem] = mask
-            extras = {**chip.extras, "sample_id": path.stem, "prompt_wkb": _footprint_wkb(chip)}
+            extras = {**chip.extras, "sample_id": path.stem, "prompt_wkb": geo.chip_footprint_wkb(chip)}
             chips.append(dataclasses.replace(chip, extras=extras))
         msi_chips, msi_skipped = _msi_for(chips, msi_dir)
         skipped += msi_skipped
@@ -292,49 +283,6 @@ def dataset_info(settings: Settings, uri: str | None = None) -> dict:
     return lance_io.table_summary(table) | lance_io.class_balance(table)
 
 
-def _prompt_chip(tile, prompt_wkb: bytes, chip_size: int, sample_id: str):
-    """A ``chip_size``² window of ``tile`` centred on the prompt's centroid (outside the tile: zero, invalid)."""
-    import dataclasses
-
-    import numpy as np
-    import shapely
-    from affine import Affine
-
-    from aegir.utils import geo
-
-    centroid = shapely.centroid(shapely.from_wkb(prompt_wkb))
-    col, row = geo.lonlat_to_pixel(tile.transform, tile.crs, centroid.x, centroid.y)
-    col0, row0 = int(np.floor(col)) - chip_size // 2, int(np.floor(row)) - chip_size // 2
-    pixels = np.zeros((tile.pixels.shape[0], chip_size, chip_size), dtype=tile.pixels.dtype)
-    valid = np.zeros((chip_size, chip_size), dtype=bool)
-    src_rows = slice(max(row0, 0), min(row0 + chip_size, tile.height))
-    src_cols = slice(max(col0, 0), min(col0 + chip_size, tile.width))
-    dst_rows = slice(src_rows.start - row0, src_rows.stop - row0)
-    dst_cols = slice(src_cols.start - col0, src_cols.stop - col0)
-    pixels[:, dst_rows, dst_cols] = tile.pixels[:, src_rows, src_cols]
-    tile_valid = np.ones((tile.height, tile.width), bool) if tile.valid is None else tile.valid
-    valid[dst_rows, dst_cols] = tile_valid[src_rows, src_cols]
-    transform = tile.transform @ Affine.translation(col0, row0)
-    extras = {**tile.extras, "sample_id": sample_id, "uuid": sample_id, "prompt_wkb": prompt_wkb, "tile": tile.source}
-    return dataclasses.replace(tile, pixels=pixels, valid=None if valid.all() else valid, transform=transform,
-                               extras=extras)
-
-
-def _label_mask(chip, label_wkbs: list[bytes]):
-    """(H, W) uint8 0/1: the polygon labels burnt into the chip grid (None when every label is a point)."""
-    import numpy as np
-    import shapely
-    from rasterio.features import rasterize
-    from rasterio.warp import transform_geom
-
-    polygons = [g for g in shapely.from_wkb(label_wkbs) if shapely.get_dimensions(g) == 2]
-    if not polygons:
-        return None
-    shapes = [transform_geom("EPSG:4326", chip.crs, shapely.geometry.mapping(g)) for g in polygons]
-    return rasterize(shapes, out_shape=(chip.height, chip.width), transform=chip.transform, fill=0,
-                     default_value=1, dtype="uint8").astype(np.uint8)
-
-
 def build_dataset_from_lakehouse(
     settings: Settings,
     query: ducklake.LabelQuery,
@@ -350,6 +298,8 @@ def build_dataset_from_lakehouse(
     ground-truth mask burnt from every polygon label of the query touching the chip (points: no mask yet, the Mask
     Factory makes it). Prompts on no tile are reported as skipped. Rows are keyed by the prompt uuid.
     """
+    import dataclasses
+
     import shapely
 
     from aegir.store import image_files, lance_io
@@ -367,15 +317,18 @@ def build_dataset_from_lakehouse(
             progress(1)
         if tile is None:
             continue
-        footprint = shapely.from_wkb(_footprint_wkb(tile))
+        footprint = shapely.from_wkb(geo.chip_footprint_wkb(tile))
         for index in tree.query(footprint, predicate="intersects"):
             if index in used or not footprint.contains(shapely.centroid(geometries[index])):
                 continue
             used.add(int(index))
-            chip = _prompt_chip(tile, wkbs[index], chip_size, prompts["uuid"][int(index)].as_py())
-            chip_area = shapely.from_wkb(_footprint_wkb(chip))
+            sample_id = prompts["uuid"][int(index)].as_py()
+            chip = geo.chip_centred_on(tile, shapely.centroid(geometries[index]), chip_size)
+            chip = dataclasses.replace(chip, extras={**chip.extras, "sample_id": sample_id, "uuid": sample_id,
+                                                     "prompt_wkb": wkbs[index], "tile": tile.source})
+            chip_area = shapely.from_wkb(geo.chip_footprint_wkb(chip))
             touching = [wkbs[i] for i in tree.query(chip_area, predicate="intersects")]
-            mask = _label_mask(chip, touching)
+            mask = geo.burn_polygons(chip, touching)
             if mask is not None:
                 masks[chip.extras["sample_id"]] = mask
             chips.append(chip)

@@ -224,3 +224,47 @@ def reproject_chip(
     height = max(math.ceil(round((top - bottom) / size, 6)), 1)
     dst_transform = Affine(size, 0.0, left, 0.0, -size, top)
     return warp_chip_to_grid(chip, dst_crs, dst_transform, width, height, resampling)
+
+
+def chip_footprint_wkb(chip: Chip) -> bytes:
+    """The chip's footprint polygon as WKB in EPSG:4326 (lon/lat), edges densified by the CRS transformation."""
+    import shapely
+    from rasterio.warp import transform_geom
+
+    box = shapely.geometry.mapping(shapely.box(*chip.bounds))
+    return shapely.to_wkb(shapely.geometry.shape(transform_geom(chip.crs, "EPSG:4326", box)))
+
+
+def chip_centred_on(tile: Chip, point_lonlat, size_px: int) -> Chip:
+    """A ``size_px``² window of ``tile`` whose centre pixel holds ``point_lonlat`` (a shapely Point, EPSG:4326).
+
+    Parts outside the tile are zero and marked invalid; the window keeps the tile's CRS with its own transform.
+    """
+    import dataclasses
+
+    col, row = lonlat_to_pixel(tile.transform, tile.crs, point_lonlat.x, point_lonlat.y)
+    col0, row0 = int(np.floor(col)) - size_px // 2, int(np.floor(row)) - size_px // 2
+    pixels = np.zeros((tile.pixels.shape[0], size_px, size_px), dtype=tile.pixels.dtype)
+    valid = np.zeros((size_px, size_px), dtype=bool)
+    src_rows = slice(max(row0, 0), min(row0 + size_px, tile.height))
+    src_cols = slice(max(col0, 0), min(col0 + size_px, tile.width))
+    dst = (slice(src_rows.start - row0, src_rows.stop - row0), slice(src_cols.start - col0, src_cols.stop - col0))
+    pixels[(slice(None), *dst)] = tile.pixels[:, src_rows, src_cols]
+    tile_valid = np.ones((tile.height, tile.width), bool) if tile.valid is None else tile.valid
+    valid[dst] = tile_valid[src_rows, src_cols]
+    return dataclasses.replace(tile, pixels=pixels, valid=None if valid.all() else valid,
+                               transform=tile.transform @ Affine.translation(col0, row0))
+
+
+def burn_polygons(chip: Chip, polygons_wkb: list[bytes]) -> np.ndarray | None:
+    """(H, W) uint8 0/1 mask of the (EPSG:4326, WKB) polygons on the chip grid; None when none is areal."""
+    import shapely
+    from rasterio.features import rasterize
+    from rasterio.warp import transform_geom
+
+    polygons = [g for g in shapely.from_wkb(polygons_wkb) if shapely.get_dimensions(g) == 2]
+    if not polygons:
+        return None
+    shapes = [transform_geom("EPSG:4326", chip.crs, shapely.geometry.mapping(g)) for g in polygons]
+    return rasterize(shapes, out_shape=(chip.height, chip.width), transform=chip.transform, fill=0,
+                     default_value=1, dtype="uint8")
