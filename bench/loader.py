@@ -5,7 +5,8 @@ Readers, all yielding {"image": (B,3,256,256) uint8, "mask": (B,256,256) uint8} 
   (a) Lance ``training_data`` via ``lance.torch.data.LanceDataset`` + ``training_batch_to_tensors`` (raw and png chips)
   (b) one GeoTIFF per chip and one per mask, read with rasterio in a map-style Dataset (the TorchGeo way)
   (c) one Parquet file with the same raw chip bytes, read by row group
-with 0 and 2 DataLoader workers (spawned). Then filtered reads by S2 token: 64 chips out of ≥ 10,000 rows,
+with 0 and 2 DataLoader workers (spawned); then the same readers with shuffled (random) batches, the access
+pattern of training with ``shuffle=True``: Lance ``take`` vs Parquet row groups vs GeoTIFF files. Then filtered reads by S2 token: 64 chips out of ≥ 10,000 rows,
 with the BTREE scalar index vs without. Goals (issue 3): Lance ≥ 5× (b) and ≥ 1.5× (c).
 
 Run: ``python bench/loader.py [--samples N] [--filter-rows N]``. Prints samples/s and ratios measured in one run.
@@ -143,11 +144,51 @@ def loader_benchmark(samples: int, tmp: Path) -> None:
     for name, make in readers.items():
         results[name] = [_best_of(lambda: make(w)) for w in (0, 2)]
         print(f"{name:<34}{results[name][0]:>12.0f}{results[name][1]:>12.0f}")
+    shuffled_benchmark(lance_raw, tmp / "chips.parquet", tmp / "tiffs", samples)
     lance, tiff, parquet = (results[k] for k in ("(a) Lance training_data, raw", "(b) GeoTIFF per chip (rasterio)",
                                                  "(c) Parquet, raw bytes"))
     for w, label in ((0, "0 workers"), (1, "2 workers")):
         print(f"ratio Lance/GeoTIFF ({label}): {lance[w] / tiff[w]:.1f}× (goal ≥ 5×); "
               f"Lance/Parquet: {lance[w] / parquet[w]:.2f}× (goal ≥ 1.5×)")
+
+
+def shuffled_benchmark(lance_uri: str, parquet_path: Path, tiff_folder: Path, samples: int) -> None:
+    """Random batches (training with shuffle=True): Lance ``take`` vs Parquet row groups vs GeoTIFF files."""
+    import lance
+
+    order = np.random.default_rng(0).permutation(samples)
+    batches = [np.sort(order[i : i + BATCH]) for i in range(0, samples, BATCH)]
+    dataset = lance.dataset(lance_uri)
+    parquet = pq.ParquetFile(parquet_path)
+    group_rows = parquet.metadata.row_group(0).num_rows
+    tiffs = GeoTiffChips(tiff_folder, samples)
+
+    def lance_batch(rows):
+        return training_batch_to_tensors(dataset.take(rows, columns=COLUMNS).to_batches()[0])
+
+    def parquet_batch(rows):
+        groups = sorted({int(r) // group_rows for r in rows})
+        table = parquet.read_row_groups(groups, columns=COLUMNS)
+        starts = {g: k * group_rows for k, g in enumerate(groups)}
+        local = [starts[int(r) // group_rows] + int(r) % group_rows for r in rows]
+        return training_batch_to_tensors(table.take(local).combine_chunks().to_batches()[0])
+
+    def tiff_batch(rows):
+        items = [tiffs[int(r)] for r in rows]
+        return {"image": torch.stack([i["image"] for i in items])}
+
+    print(f"shuffled: random batches of {BATCH} over {samples} chips, samples/s, 0 workers (best of 2)")
+    rates = {}
+    for name, read in (("Lance take", lance_batch), ("Parquet row groups", parquet_batch), ("GeoTIFF files", tiff_batch)):
+        best = 0.0
+        for _ in range(2):
+            start = time.perf_counter()
+            seen = sum(read(rows)["image"].shape[0] for rows in batches)
+            best = max(best, seen / (time.perf_counter() - start))
+        rates[name] = best
+        print(f"  {name:<20}{best:>10.0f}")
+    print(f"  ratio Lance/GeoTIFF {rates['Lance take'] / rates['GeoTIFF files']:.1f}×, "
+          f"Lance/Parquet {rates['Lance take'] / rates['Parquet row groups']:.2f}×")
 
 
 def filter_benchmark(rows_wanted: int, tmp: Path) -> None:

@@ -17,6 +17,7 @@ from hamilton import base, driver
 
 from aegir.config import Settings
 from aegir.dataflows import (
+    grid_plan,
     ingest_ducklake_labels,
     label_import,
     lance_writer,
@@ -33,6 +34,7 @@ STAGES: dict[str, tuple[ModuleType, ...]] = {
     "label_import": (label_import, s2_indexing),
     "prompts": (ingest_ducklake_labels,),
     "training_samples": (training_sample_builder, lance_writer),
+    "grid_plan": (grid_plan,),
 }
 
 
@@ -342,3 +344,43 @@ def build_dataset_from_lakehouse(
                                    "lakehouse_labels", params)
     root, name = lance_io.resolve_table_location(uri, settings.lancedb_root)
     return BuildReport(f"{root}/{name}", result.inserted, result.updated, table.version, skipped + msi_skipped)
+
+
+# ---- grid plans ---------------------------------------------------------------------------------------------
+
+
+def plan_grid(
+    settings: Settings,
+    plan_id: str,
+    aoi: "shapely.Geometry",
+    plan_level: int = 13,
+    context_level: int = 10,
+    label_datasets: Sequence[str] = (),
+    builtup_by_cell: dict[str, float] | None = None,
+) -> pa.Table:
+    """Cover ``aoi`` (EPSG:4326) with level-``plan_level`` S2 cells, rank them by nearby lakehouse labels and
+    prior ``predicted_pv`` detections, and store the plan (table ``grid_plan``) so a run can resume cell by cell."""
+    import numpy as np
+    import shapely
+
+    con = ducklake.connect(settings)
+    try:
+        min_lon, min_lat, max_lon, max_lat = shapely.bounds(aoi).tolist()
+        pad = 1.0  # degrees: labels just outside the AOI still inform the neighbourhood counts
+        query = ducklake.LabelQuery(tuple(label_datasets), (min_lon - pad, min_lat - pad, max_lon + pad, max_lat + pad))
+        has_labels = bool(ducklake.label_tables(con, settings))
+        labels = ducklake.query_labels(con, settings, query) if has_labels else None
+        label_lonlat = (np.column_stack([labels["centroid_lon"].to_numpy(), labels["centroid_lat"].to_numpy()])
+                        if labels is not None else np.empty((0, 2)))
+        detection_lonlat = ducklake.detection_centroids(con, settings)
+        plan = run_stage(
+            "grid_plan",
+            ["grid_plan"],
+            {"aoi_geometry": aoi, "plan_level": plan_level, "context_level": context_level,
+             "label_lonlat": label_lonlat, "detection_lonlat": detection_lonlat,
+             "builtup_by_cell": builtup_by_cell or {}},
+        )["grid_plan"]
+        ducklake.write_grid_plan(con, settings, plan_id, plan)
+        return ducklake.read_grid_plan(con, settings, plan_id)
+    finally:
+        con.close()

@@ -354,3 +354,89 @@ def snapshots(con: duckdb.DuckDBPyConnection, settings: Settings) -> Iterator[di
     )
     for snapshot_id, snapshot_time, changes in cursor.fetchall():
         yield {"snapshot_id": snapshot_id, "snapshot_time": snapshot_time, "changes": changes}
+
+
+# ---- grid plans: a resumable table of S2 work cells -------------------------------------------------------
+
+PLAN_TABLE = "grid_plan"
+PLAN_STATUSES = ("pending", "running", "done", "failed", "no_imagery")
+
+
+def write_grid_plan(con: duckdb.DuckDBPyConnection, settings: Settings, plan_id: str, plan: pa.Table) -> int:
+    """Store ``plan`` under ``plan_id`` in one transaction; cells already planned keep their status. Returns new cells."""
+    if not plan_id or not plan_id.replace("_", "").replace("-", "").isalnum():
+        raise ValueError(f"plan id {plan_id!r} must be letters, digits, '-' and '_'")
+    target = _qualified(settings, PLAN_TABLE)
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.register("aegir_incoming_plan", plan)
+        view = "SELECT ? AS plan_id, *, 0 AS attempts, CAST(NULL AS VARCHAR) AS message, now() AS updated_at FROM aegir_incoming_plan"
+        if not table_exists(con, settings, PLAN_TABLE):
+            con.execute(f"CREATE TABLE {target} AS {view}", [plan_id])
+            added = plan.num_rows
+        else:
+            before = con.execute(f"SELECT count(*) FROM {target}").fetchone()[0]
+            con.execute(
+                f"INSERT INTO {target} BY NAME SELECT * FROM ({view}) incoming "
+                f"WHERE NOT EXISTS (SELECT 1 FROM {target} t WHERE t.plan_id = incoming.plan_id "
+                f"AND t.cell_token = incoming.cell_token)",
+                [plan_id],
+            )
+            added = con.execute(f"SELECT count(*) FROM {target}").fetchone()[0] - before
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    finally:
+        con.unregister("aegir_incoming_plan")
+    return added
+
+
+def read_grid_plan(
+    con: duckdb.DuckDBPyConnection, settings: Settings, plan_id: str, statuses: Sequence[str] | None = None
+) -> pa.Table:
+    """The plan's cells in priority order, optionally only those with one of ``statuses``."""
+    if not table_exists(con, settings, PLAN_TABLE):
+        raise StoreError(f"no grid plan {plan_id!r}: the lakehouse has no {PLAN_TABLE} table yet")
+    clause, params = "plan_id = ?", [plan_id]
+    if statuses:
+        clause += f" AND status IN ({', '.join('?' for _ in statuses)})"
+        params += list(statuses)
+    return con.execute(
+        f"SELECT * FROM {_qualified(settings, PLAN_TABLE)} WHERE {clause} ORDER BY rank", params
+    ).to_arrow_table()
+
+
+def set_cell_status(
+    con: duckdb.DuckDBPyConnection, settings: Settings, plan_id: str, cell_token: str, status: str,
+    message: str | None = None,
+) -> None:
+    """Record a cell's new status (and why, for failures); ``running`` counts an attempt. One snapshot."""
+    if status not in PLAN_STATUSES:
+        raise ValueError(f"status {status!r} is not one of {', '.join(PLAN_STATUSES)}")
+    target = _qualified(settings, PLAN_TABLE)
+    exists = con.execute(
+        f"SELECT count(*) FROM {target} WHERE plan_id = ? AND cell_token = ?", [plan_id, cell_token]
+    ).fetchone()[0]
+    if not exists:
+        raise StoreError(f"grid plan {plan_id!r} has no cell {cell_token!r}")
+    con.execute(
+        f"UPDATE {target} SET status = ?, message = ?, updated_at = now(), "
+        f"attempts = attempts + CASE WHEN ? = 'running' THEN 1 ELSE 0 END WHERE plan_id = ? AND cell_token = ?",
+        [status, message, status, plan_id, cell_token],
+    )
+
+
+PREDICTIONS_TABLE = "predicted_pv"
+
+
+def detection_centroids(con: duckdb.DuckDBPyConnection, settings: Settings):
+    """(M, 2) lon/lat of the detections in ``predicted_pv`` (empty before the first inference run)."""
+    import numpy as np
+
+    if not table_exists(con, settings, PREDICTIONS_TABLE):
+        return np.empty((0, 2))
+    rows = con.execute(
+        f"SELECT centroid_lon, centroid_lat FROM {_qualified(settings, PREDICTIONS_TABLE)}"
+    ).fetchnumpy()
+    return np.column_stack([rows["centroid_lon"], rows["centroid_lat"]]).astype(np.float64)
