@@ -24,6 +24,8 @@ app.add_typer(labels_app, name="labels")
 app.add_typer(prompts_app, name="prompts")
 dataset_app = typer.Typer(help="The LanceDB training_data table.", no_args_is_help=True)
 app.add_typer(dataset_app, name="dataset")
+masks_app = typer.Typer(help="Mask Factory: prompts → PV masks.", no_args_is_help=True)
+app.add_typer(masks_app, name="masks")
 
 console = Console(soft_wrap=True)
 errors = Console(stderr=True, soft_wrap=True)
@@ -245,6 +247,62 @@ def dataset_info(
     for key, value in info.items():
         table.add_row(key, str(value))
     console.print(table)
+
+
+@masks_app.command("generate")
+def masks_generate(
+    ctx: typer.Context,
+    images: Annotated[Path, typer.Option(help="Folder of images (BMP, PNG, JPEG, GeoTIFF).")],
+    prompts: Annotated[Path, typer.Option(help="CSV filename,xmin,ymin,xmax,ymax (pixels) or GeoJSON/GeoParquet.")],
+    out: Annotated[Path, typer.Option(help="Folder for OUT/<image stem>.png (uint8, 0/255).")],
+    backend: Annotated[str, typer.Option(help="offline (default, no weights), sam, sam-hq, sam2, model.")] = "offline",
+    checkpoint: Annotated[Optional[str], typer.Option(help="sam / sam-hq / model: checkpoint file.")] = None,
+    model_type: Annotated[Optional[str], typer.Option(help="sam / sam-hq: vit_h, vit_l, vit_b (sam-hq: vit_tiny); sam2: model id.")] = None,
+    polygons: Annotated[Optional[Path], typer.Option(help="Polygons file (.geojson or .parquet); default OUT/mask_polygons.geojson.")] = None,
+    lance: Annotated[bool, typer.Option("--lance", help="Also upsert the masks into training_data.generated_mask.")] = False,
+    uri: Annotated[Optional[str], typer.Option(help="With --lance: LanceDB table location.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Write one mask per image (union of its prompts) with the chosen backend."""
+    from aegir.masks.base import MaskBackendError
+    from aegir.masks.prompts import PromptError
+    from aegir.store.mask_files import MaskFileError
+
+    options: dict = {}
+    if checkpoint:
+        options["checkpoint"] = checkpoint
+    if model_type:
+        options["model_id" if backend == "sam2" else "model_type"] = model_type
+    try:
+        report = pipelines.generate_masks(
+            images, prompts, backend, out, options, polygons,
+            settings=_settings(ctx) if lance else None, lance_uri=uri)
+    except (MaskBackendError, MaskFileError, PromptError, FileNotFoundError, ValueError, ducklake.StoreError) as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps(vars(report), default=str))
+        return
+    console.print(f"{report.backend} ({report.backend_version}): wrote {len(report.written)} masks to {report.out_dir} "
+                  f"from {report.prompts_used} prompts; polygons {report.polygons_path}", highlight=False)
+    if report.lance:
+        console.print(f"training_data: {report.lance}", highlight=False)
+    for item in report.skipped:
+        where = item.get("file", "")
+        what = f" prompt {item['prompt']}" if "prompt" in item else ""
+        errors.print(f"[yellow]skipped:[/] {where}{what}: {item['reason']}", highlight=False)
+
+
+@masks_app.command("evaluate")
+def masks_evaluate(
+    pred: Annotated[Path, typer.Option(help="Folder of predicted masks.")],
+    truth: Annotated[Path, typer.Option(help="Folder of truth masks (PV where value > 0), matched by file stem.")],
+) -> None:
+    """Print JSON {mean_iou, mean_f1, pixel_iou, per_image, …} of predicted vs truth masks."""
+    try:
+        result = pipelines.evaluate_masks(pred, truth)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    print(json.dumps(result))
 
 
 @app.command("dag")

@@ -125,7 +125,7 @@ def training_rows(
             **mask_meta,
             "provenance": {
                 "backend": mask_meta["mask_source"],
-                "backend_version": None,
+                "backend_version": provenance_params.get("backend_version"),
                 "params_json": json.dumps({**provenance_params, "georeferenced": chip.georeferenced}, sort_keys=True),
                 "round": int(provenance_params.get("round", 0)),
                 "source_detection": None,

@@ -1,0 +1,154 @@
+"""Mask Factory quality: mean IoU per backend on the Jiang PV01 tiles, boxes from ground-truth components.
+
+Prompts: one box per 8-connected component of each ground-truth mask (PV where > 0), written as a CSV in the
+``aegir masks generate`` layout and run through the same pipeline as the CLI, then scored with
+``aegir masks evaluate``'s function. The offline backend was tuned on the tiles not held out; every 4th tile
+(sorted by name, index % 4 == 0) is held out and reported separately. The one tile whose mask is empty gets no
+prompts; it is excluded from the means (an empty prediction on it would score 1.0 and flatter the mean).
+A ``box`` row (the union of the prompt boxes as the mask) is the trivial baseline.
+Backends whose weights are not on this machine are reported as unavailable with the reason.
+Then the offline backend runs on the NREL sample tiles with their real box annotations, and quicklook PNGs (image |
+prompts | mask overlay) go to ``--quicklooks`` (default ./data/quicklooks/nrel).
+
+    python bench/mask_quality.py [--shared ../shared/data] [--backends offline,sam,sam-hq,sam2,model]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from scipy import ndimage as ndi
+
+from aegir import pipelines
+from aegir.masks.base import MaskBackendError
+from aegir.store.image_files import list_image_files, read_mask
+
+HERE = Path(__file__).resolve().parent
+
+
+def component_boxes(mask: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """(xmin, ymin, xmax, ymax) pixel-corner boxes of the 8-connected components of a 0/1 mask."""
+    labels, _ = ndi.label(mask > 0, structure=np.ones((3, 3)))
+    return [(s[1].start, s[0].start, s[1].stop, s[0].stop) for s in ndi.find_objects(labels)]
+
+
+def write_gt_prompts(jiang: Path, path: Path) -> int:
+    rows = 0
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["filename", "xmin", "ymin", "xmax", "ymax"])
+        for image in list_image_files(jiang / "images"):
+            for box in component_boxes(read_mask(jiang / "masks" / image.name)):
+                writer.writerow([image.name, *box])
+                rows += 1
+    return rows
+
+
+def box_baseline(prompts_csv: Path, out: Path, jiang: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    boxes: dict[str, list] = {}
+    with prompts_csv.open() as handle:
+        for row in csv.DictReader(handle):
+            boxes.setdefault(row["filename"], []).append([int(row[k]) for k in ("xmin", "ymin", "xmax", "ymax")])
+    for image in list_image_files(jiang / "images"):
+        mask = np.zeros(read_mask(jiang / "masks" / image.name).shape, np.uint8)
+        for x0, y0, x1, y1 in boxes.get(image.name, []):
+            mask[y0:y1, x0:x1] = 255
+        Image.fromarray(mask).save(out / f"{image.stem}.png")
+
+
+def summarise(result: dict, stems: list[str], nonempty: set[str]) -> dict:
+    held = {s for i, s in enumerate(stems) if i % 4 == 0}
+    def mean(keys):
+        vals = [result["per_image"][k]["iou"] for k in keys if k in result["per_image"]]
+        return round(float(np.mean(vals)), 4) if vals else None
+    tuned = [s for s in stems if s in nonempty and s not in held]
+    heldout = [s for s in stems if s in nonempty and s in held]
+    return {"mean_iou_all": mean([s for s in stems if s in nonempty]), "mean_iou_tuning": mean(tuned),
+            "mean_iou_heldout": mean(heldout), "tiles_tuning": len(tuned), "tiles_heldout": len(heldout),
+            "pixel_iou": round(result["pixel_iou"], 4)}
+
+
+def quicklooks(images: Path, annotations: Path, out: Path, dest: Path) -> list[Path]:
+    dest.mkdir(parents=True, exist_ok=True)
+    boxes: dict[str, list] = {}
+    with annotations.open() as handle:
+        for row in csv.DictReader(handle):
+            boxes.setdefault(Path(row["filename"]).stem, []).append([float(row[k]) for k in ("xmin", "ymin", "xmax",
+                                                                                              "ymax")])
+    written = []
+    for image_path in list_image_files(images):
+        if image_path.stem not in boxes:
+            continue
+        rgb = Image.open(image_path).convert("RGB")
+        prompts = rgb.copy()
+        draw = ImageDraw.Draw(prompts)
+        for box in boxes[image_path.stem]:
+            draw.rectangle(box, outline=(255, 255, 0), width=2)
+        mask = np.asarray(Image.open(out / f"{image_path.stem}.png")) > 0
+        overlay = np.asarray(rgb).copy()
+        overlay[mask] = (0.45 * overlay[mask] + 0.55 * np.array([255, 0, 255])).astype(np.uint8)
+        panel = Image.new("RGB", (rgb.width * 3, rgb.height))
+        for i, part in enumerate((rgb, prompts, Image.fromarray(overlay))):
+            panel.paste(part, (i * rgb.width, 0))
+        written.append(dest / f"{image_path.stem}_quicklook.png")
+        panel.save(written[-1])
+    return written
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shared", type=Path, default=HERE.parent.parent / "shared" / "data")
+    parser.add_argument("--backends", default="offline,sam,sam-hq,sam2,model")
+    parser.add_argument("--checkpoint", default=None, help="checkpoint for sam / sam-hq / model")
+    parser.add_argument("--quicklooks", type=Path, default=Path("data") / "quicklooks" / "nrel")
+    args = parser.parse_args()
+    jiang = args.shared / "vhr" / "jiang_pv01"
+    nrel = args.shared / "vhr" / "nrel_panel_segmentation" / "sample_data_set"
+    stems = [p.stem for p in list_image_files(jiang / "images")]
+    nonempty = {p.stem for p in list_image_files(jiang / "masks") if read_mask(p).any()}
+    report: dict = {"jiang_tiles": len(stems), "tiles_with_pv": len(nonempty), "backends": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        prompts = tmp / "jiang_gt_boxes.csv"
+        report["prompts"] = write_gt_prompts(jiang, prompts)
+        box_baseline(prompts, tmp / "box", jiang)
+        report["backends"]["box (baseline: the prompt boxes)"] = summarise(
+            pipelines.evaluate_masks(tmp / "box", jiang / "masks"), stems, nonempty)
+        for name in [b.strip() for b in args.backends.split(",") if b.strip()]:
+            options = {"checkpoint": args.checkpoint} if args.checkpoint and name != "sam2" else {}
+            start = time.perf_counter()
+            try:
+                run = pipelines.generate_masks(jiang / "images", prompts, name, tmp / name, options)
+            except MaskBackendError as exc:
+                report["backends"][name] = {"unavailable": str(exc)}
+                continue
+            seconds = time.perf_counter() - start
+            summary = summarise(pipelines.evaluate_masks(tmp / name, jiang / "masks"), stems, nonempty)
+            summary.update({"seconds": round(seconds, 2), "prompts_per_s": round(run.prompts_used / seconds, 1),
+                            "version": run.backend_version})
+            report["backends"][name] = summary
+        nrel_out = tmp / "nrel"
+        start = time.perf_counter()
+        run = pipelines.generate_masks(nrel / "images", nrel / "annotations.csv", "offline", nrel_out)
+        looks = quicklooks(nrel / "images", nrel / "annotations.csv", nrel_out, args.quicklooks)
+        report["nrel_offline"] = {"images": len(run.written), "prompts": run.prompts_used,
+                                  "seconds": round(time.perf_counter() - start, 2),
+                                  "skipped": run.skipped, "quicklooks": str(args.quicklooks), "files": len(looks)}
+    print(json.dumps(report, indent=1))
+    offline = report["backends"].get("offline", {})
+    goal = offline.get("mean_iou_all") is not None and offline["mean_iou_all"] >= 0.85
+    print(f"offline mean IoU {offline.get('mean_iou_all')} (goal >= 0.85: {'met' if goal else 'NOT met'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""The Mask Factory backend interface, its result type and the registry of backends by name.
+
+A backend turns one image (``(H, W, 3)`` uint8 RGB) and a :class:`~aegir.masks.prompts.PixelPrompts` set into one
+boolean mask per prompt, in a single pass over the image (one encoder pass for SAM-family models, one GrabCut
+colour model for the offline backend), plus per-prompt ``confidence`` and ``stability`` in [0, 1].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import numpy as np
+
+from aegir.masks.prompts import PixelPrompts
+
+
+class MaskBackendError(RuntimeError):
+    """A backend cannot run (missing weights, missing package, bad model) — the message says what to do."""
+
+
+@dataclass(frozen=True)
+class MaskResult:
+    """``masks``: (N, H, W) bool, one per prompt (same order as the prompts); ``confidence`` / ``stability``: (N,)."""
+
+    masks: np.ndarray
+    confidence: np.ndarray
+    stability: np.ndarray
+    extras: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = self.masks.shape[0]
+        if self.masks.ndim != 3 or self.confidence.shape != (n,) or self.stability.shape != (n,):
+            raise ValueError(f"MaskResult shapes disagree: masks {self.masks.shape}, confidence "
+                             f"{self.confidence.shape}, stability {self.stability.shape}")
+
+    @property
+    def union(self) -> np.ndarray:
+        """(H, W) bool: the union of every prompt's mask."""
+        return self.masks.any(axis=0) if self.masks.shape[0] else np.zeros(self.masks.shape[1:], bool)
+
+
+@runtime_checkable
+class MaskBackend(Protocol):
+    """What every backend provides."""
+
+    name: str
+
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def params(self) -> dict[str, Any]: ...
+
+    def segment(self, image: np.ndarray, prompts: PixelPrompts) -> MaskResult: ...
+
+
+_REGISTRY: dict[str, Callable[..., MaskBackend]] = {}
+
+
+def register_backend(name: str) -> Callable[[Callable[..., MaskBackend]], Callable[..., MaskBackend]]:
+    """Decorator: register a backend factory (a class or function taking keyword options) under ``name``."""
+
+    def wrap(factory: Callable[..., MaskBackend]) -> Callable[..., MaskBackend]:
+        _REGISTRY[name] = factory
+        return factory
+
+    return wrap
+
+
+def available_backends() -> list[str]:
+    """Registered backend names."""
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def get_backend(name: str, **options: Any) -> MaskBackend:
+    """The backend ``name`` built with ``options`` (e.g. ``checkpoint=...``); unknown names → ValueError."""
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown mask backend {name!r}; backends: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name](**options)
+
+
+def _load_builtin() -> None:
+    # importing the modules registers them; SAM and model backends import their heavy packages lazily
+    from aegir.masks import model_refiner, offline, sam  # noqa: F401
