@@ -11,7 +11,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch first, pinned: the CPU wheel; an unpinned torch would pull several GB of CUDA packages.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,yolo]'
+	# ultralytics without its deps: it requires opencv-python, which would shadow opencv-python-headless (see pyproject).
+	$(BIN)/pip install --quiet --no-deps ultralytics==8.4.190
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -23,6 +25,7 @@ run: install
 	$(BIN)/aegir prompts export --dataset ornl_boston --dataset ornl_dc --out data/prompts/ornl_rooftops.parquet
 	$(BIN)/aegir dataset build --images $(SHARED_DATA)/vhr/jiang_pv01/images --masks $(SHARED_DATA)/vhr/jiang_pv01/masks
 	$(BIN)/aegir dataset info
+	$(BIN)/aegir flywheel --rounds 2 --out data/flywheel
 
 test: install
 	$(BIN)/python -m pytest -q

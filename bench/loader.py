@@ -15,7 +15,6 @@ Run: ``python bench/loader.py [--samples N] [--filter-rows N]``. Prints samples/
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import sys
 import tempfile

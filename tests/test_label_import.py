@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
-import duckdb
 import numpy as np
 import pytest
 import s2cell

@@ -114,6 +114,13 @@ def test_cli_generate_and_evaluate_contract_on_nrel_tiles_with_bad_input(tmp_pat
     assert "missing.png" in reasons and "not in" in reasons
     assert "broken.png: " in reasons and "cannot read" in reasons
     assert "zero area" in reasons
+    # NREL sample tiles carry no georeference: their polygons are kept in pixel coordinates, one per prompt
+    import geopandas as gpd
+
+    pixel_polygons = gpd.read_file(out / "mask_polygons_pixels.geojson")
+    assert len(pixel_polygons) == len([r for r in keep if r[0] in names and r[4] != r[6]])
+    assert pixel_polygons.total_bounds[2] <= 640 and pixel_polygons.total_bounds[3] <= 640
+    assert len(gpd.read_file(out / "mask_polygons.geojson")) == 0
 
     truth = tmp_path / "truth"
     truth.mkdir()
@@ -262,3 +269,29 @@ def test_model_backend_keeps_predictions_inside_the_prompt_boxes():
         region = prompts.region(i)
         assert not result.masks[i][~region].any()
         assert result.masks[i][region].mean() == pytest.approx((proba[region] >= 0.5).mean(), abs=0.1)
+
+
+def test_generated_masks_upsert_into_training_data_as_a_new_version(jiang_prompts, tmp_path):
+    from aegir.store import lance_io
+
+    from conftest import make_settings
+
+    settings = make_settings(tmp_path)
+    uri = str(tmp_path / "lancedb" / "training_data")
+    pipelines.build_dataset_from_images(settings, JIANG / "images", JIANG / "masks", uri, "jiang_pv01")
+    table = lance_io.open_training_table(uri, settings.lancedb_root, create=False)
+    before = table.version
+    report = pipelines.generate_masks(JIANG / "images", jiang_prompts, "offline", tmp_path / "pred",
+                                      settings=settings, lance_uri=uri, dataset="jiang_pv01")
+    assert report.lance["updated"] == 59 and report.lance["inserted"] == 0  # the tile without PV has no prompts
+    table = lance_io.open_training_table(uri, settings.lancedb_root, create=False)
+    rows = {r["metadata"]["sample_id"]: r for r in table.to_arrow().to_pylist()}
+    assert len(rows) == 60 and table.version > before
+    row = rows["PV01_324942_1203839"]
+    assert row["metadata"]["mask_source"] == "mask_factory:offline"
+    provenance = row["metadata"]["provenance"]
+    assert provenance["backend"] == "mask_factory:offline" and "grabcut" in provenance["params_json"].lower()
+    stored = np.frombuffer(row["generated_mask"], np.uint8).reshape(256, 256) > 0
+    assert np.array_equal(stored, read_mask(tmp_path / "pred" / "PV01_324942_1203839.png") > 0)
+    earlier = lance_io.read_version(table, before).to_pylist()  # the ground-truth masks are still there
+    assert {r["metadata"]["mask_source"] for r in earlier} == {"ground_truth"}

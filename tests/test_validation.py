@@ -90,3 +90,25 @@ def test_scl_cloud_sends_a_detection_to_review():
     polygon = shapely.Polygon([to_lonlat.transform(x + dx, y + dy) for dx, dy in ((-4, -4), (4, -4), (4, 4), (-4, 4))])
     row = _decide(chip, [polygon], [0.9])[0]
     assert row["decision"] == "needs_review" and row["unusable_fraction"] == 1.0
+
+
+def test_object_level_scores_on_real_rooftop_polygons():
+    """References: 60 real ORNL Boston rooftop PV polygons. Detections: 40 of them exactly, 10 shifted by 90 % of
+    their width (IoU < 0.5, so unmatched), and 5 copies of matched ones (duplicates cannot match twice)."""
+    import geopandas as gpd
+
+    boston = sorted((SHARED_DATA / "labels" / "ornl_rooftop_panels" / "boston").rglob("*.shp"))[0]
+    refs = list(gpd.read_file(boston, rows=60).to_crs("EPSG:4326").geometry.make_valid())
+    shifted = []
+    for g in refs[40:50]:
+        minx, _, maxx, _ = g.bounds
+        shifted.append(shapely.affinity.translate(g, xoff=0.9 * (maxx - minx)))
+    detections = refs[:40] + shifted + refs[:5]
+    scores = validation.object_level_scores(detections, refs)
+    assert scores["matched"] == 40 and scores["detections"] == 55 and scores["references"] == 60
+    assert scores["precision"] == pytest.approx(40 / 55) and scores["recall"] == pytest.approx(40 / 60)
+    assert scores["f1"] == pytest.approx(2 * (40 / 55) * (40 / 60) / (40 / 55 + 40 / 60))
+    assert 40 / 70 * 0.5 < scores["area_iou"] < 1.0  # 40 exact of ~70 reference-or-detection footprints
+    perfect = validation.object_level_scores(refs, refs)
+    assert perfect["f1"] == 1.0 and perfect["area_iou"] == pytest.approx(1.0)
+    assert validation.object_level_scores([], refs)["recall"] == 0.0

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -26,6 +28,9 @@ dataset_app = typer.Typer(help="The LanceDB training_data table.", no_args_is_he
 app.add_typer(dataset_app, name="dataset")
 masks_app = typer.Typer(help="Mask Factory: prompts → PV masks.", no_args_is_help=True)
 app.add_typer(masks_app, name="masks")
+yolo_app = typer.Typer(help="YOLO-seg baseline: export training_data to the Ultralytics layout, check, train.",
+                       no_args_is_help=True)
+app.add_typer(yolo_app, name="yolo")
 
 console = Console(soft_wrap=True)
 errors = Console(stderr=True, soft_wrap=True)
@@ -249,6 +254,36 @@ def dataset_info(
     console.print(table)
 
 
+@dataset_app.command("build-ray")
+def dataset_build_ray(
+    ctx: typer.Context,
+    images: Annotated[Path, typer.Option(help="Folder of image tiles (BMP, PNG, JPEG, GeoTIFF).")],
+    masks: Annotated[Optional[Path], typer.Option(help="Folder of masks matched by file stem (PV where > 0).")] = None,
+    uri: Annotated[Optional[str], typer.Option(help="LanceDB table location (default: training_data under the LanceDB root).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Dataset name stored in the rows (default: from the folder).")] = None,
+    encoding: Annotated[str, typer.Option(help="Chip bytes: raw (fastest), png or tiff.")] = "raw",
+    msi: Annotated[Optional[Path], typer.Option(help="Folder of Sentinel-2 band files to cut co-registered MSI chips from.")] = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster: auto (this node's `ray start`), ray://head:10001; default: a local Ray.")] = None,
+    num_blocks: Annotated[Optional[int], typer.Option(help="Blocks of tiles (default: the cluster's CPUs).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Build (upsert) training_data rows from an image folder (+ masks) on Ray: workers write, one commit."""
+    from aegir.pipelines import ray_scale
+
+    try:
+        report = ray_scale.build_dataset_ray(_settings(ctx), images, masks, uri, name, encoding,
+                                             str(msi) if msi else None, num_blocks, address)
+    except (ValueError, FileNotFoundError, RuntimeError, ducklake.StoreError) as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps(vars(report)))
+        return
+    console.print(f"{report.location}: {report.inserted} inserted, {report.updated} updated, version {report.version}",
+                  highlight=False)
+    for item in report.skipped:
+        errors.print(f"[yellow]skipped:[/] {item.get('file')}: {item['reason']}", highlight=False)
+
+
 @masks_app.command("generate")
 def masks_generate(
     ctx: typer.Context,
@@ -303,6 +338,211 @@ def masks_evaluate(
     except FileNotFoundError as exc:
         _fail(str(exc))
     print(json.dumps(result))
+
+
+@app.command("train")
+def train(
+    ctx: typer.Context,
+    dataset_uri: Annotated[Optional[str], typer.Option(help="training_data table location (default: training_data under the LanceDB root).")] = None,
+    out: Annotated[Path, typer.Option(help="Run folder: best.ckpt, last.ckpt, split.json, logs/, wandb/.")] = Path("runs/train"),
+    config: Annotated[Optional[Path], typer.Option("--config", help="Training config (TOML [train] table, JSON or YAML).")] = None,
+    max_epochs: Annotated[Optional[int], typer.Option(help="Override the config's max_epochs.")] = None,
+    accelerator: Annotated[Optional[str], typer.Option(help="cpu, gpu, auto (CUDA when present).")] = None,
+    max_minutes: Annotated[Optional[float], typer.Option(help="Wall-clock cap on fitting; best.ckpt is kept.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Train a segmentation model on training_data (spatially disjoint splits) and write OUT/best.ckpt."""
+    from aegir.training.config import TrainConfigError, load_train_config
+
+    settings = _settings(ctx)
+    try:
+        train_config = load_train_config(config, max_epochs=max_epochs, accelerator=accelerator,
+                                          max_minutes=max_minutes)
+    except TrainConfigError as exc:
+        _fail(str(exc))
+    from aegir.training.train import run_training
+
+    try:
+        result = run_training(dataset_uri, train_config, out, str(settings.lancedb_root))
+    except (ValueError, FileNotFoundError, RuntimeError, ducklake.StoreError) as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps(vars(result)))
+        return
+    metrics = {k: round(v, 4) for k, v in result.best_metrics.items() if k.startswith("val/")}
+    console.print(f"best checkpoint {result.best_checkpoint} (data version {result.data_version}, split "
+                  f"{result.split_counts}, {result.epochs} epochs, {result.seconds:.0f} s): {metrics}", highlight=False)
+
+
+@app.command("predict")
+def predict(
+    checkpoint: Annotated[Path, typer.Option(help="A checkpoint from `aegir train` (best.ckpt).")],
+    images: Annotated[Path, typer.Option(help="Folder of images (BMP, PNG, JPEG, GeoTIFF).")],
+    out: Annotated[Path, typer.Option(help="Folder for OUT/<image stem>.png (uint8 0/255); georeferenced inputs also OUT/geotiff/<stem>.tif.")],
+    threshold: Annotated[float, typer.Option(help="PV probability threshold.")] = 0.5,
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when present).")] = None,
+) -> None:
+    """Write one PV mask per image with a trained checkpoint."""
+    from aegir.store.image_files import list_image_files
+    from aegir.training.evaluate import predict_folder
+
+    try:
+        total = len(list_image_files(images))
+        with Progress(console=errors) as bar:
+            task = bar.add_task("predicting", total=total)
+            report = predict_folder(checkpoint, images, out, threshold, device, lambda n: bar.advance(task, n))
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    console.print(f"wrote {len(report['written'])} masks to {report['out_dir']} "
+                  f"({len(report['geotiff'])} georeferenced GeoTIFFs)", highlight=False)
+    for item in report["skipped"]:
+        errors.print(f"[yellow]skipped:[/] {item['file']}: {item['reason']}", highlight=False)
+
+
+@app.command("evaluate")
+def evaluate(
+    checkpoint: Annotated[Path, typer.Option(help="A checkpoint from `aegir train` (best.ckpt).")],
+    images: Annotated[Path, typer.Option(help="Folder of images (BMP, PNG, JPEG, GeoTIFF).")],
+    masks: Annotated[Path, typer.Option(help="Folder of truth masks (PV where value > 0), matched by file stem.")],
+    threshold: Annotated[float, typer.Option(help="PV probability threshold.")] = 0.5,
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when present).")] = None,
+) -> None:
+    """Print JSON {mean_iou, pixel_iou, f1, precision, recall, per_image, …} of a checkpoint on image + mask pairs."""
+    from aegir.training.evaluate import evaluate_folder
+
+    try:
+        result = evaluate_folder(checkpoint, images, masks, threshold=threshold, device=device)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    print(json.dumps(result))
+
+
+@yolo_app.command("export")
+def yolo_export(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option(help="Export folder: images/, labels/, data.yaml, split.json.")],
+    dataset_uri: Annotated[Optional[str], typer.Option(help="training_data table location (default: under the LanceDB root).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="Training config: the same split and filters as `aegir train`.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier export in OUT.")] = False,
+) -> None:
+    """Write training_data as an Ultralytics YOLO segmentation dataset with the spatial split of `aegir train`."""
+    from aegir.training.config import TrainConfigError, load_train_config
+    from aegir.training.yolo_baseline import export_yolo_dataset
+
+    try:
+        report = export_yolo_dataset(dataset_uri, out, load_train_config(config),
+                                     str(_settings(ctx).lancedb_root), overwrite)
+    except (TrainConfigError, ValueError, FileExistsError, OSError, ducklake.StoreError) as exc:
+        _fail(str(exc))
+    print(json.dumps(report))
+
+
+@yolo_app.command("check")
+def yolo_check(data_yaml: Annotated[Path, typer.Argument(help="data.yaml of an export.")]) -> None:
+    """Run Ultralytics' dataset checker and label verifier on an export (needs the yolo extra)."""
+    from aegir.training.yolo_baseline import check_yolo_dataset
+
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # Ultralytics prints progress on stdout
+            report = check_yolo_dataset(data_yaml)
+    except (ImportError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    print(json.dumps(report, default=str))
+    if not report.get("ok"):
+        raise typer.Exit(code=1)
+
+
+@yolo_app.command("train")
+def yolo_train(
+    data_yaml: Annotated[Path, typer.Argument(help="data.yaml of an export.")],
+    out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/yolo"),
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 30,
+    imgsz: Annotated[int, typer.Option(help="Image size in pixels.")] = 256,
+    device: Annotated[str, typer.Option(help="cpu, 0 (first GPU), …")] = "cpu",
+) -> None:
+    """Train YOLO-seg from its architecture YAML (no download) and print mask mAP on val and test."""
+    from aegir.training.yolo_baseline import train_yolo_baseline
+
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # Ultralytics prints progress on stdout
+            report = train_yolo_baseline(data_yaml, out, epochs=epochs, imgsz=imgsz, device=device)
+    except (ImportError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    print(json.dumps(report))
+
+
+# ---- infer region: tiled inference over a grid plan ------------------------------------------------------------
+
+infer_app = typer.Typer(help="Inference over regions: resumable S2 grid plans of tiles.", no_args_is_help=True)
+app.add_typer(infer_app, name="infer")
+
+
+@infer_app.command("region")
+def infer_region(
+    ctx: typer.Context,
+    checkpoint: Annotated[Path, typer.Option(help="A checkpoint from `aegir train` (best.ckpt).")],
+    out: Annotated[Path, typer.Option(help="Folder for OUT/cells/<token>.tif (probability COGs) and OUT/detections.parquet / .gpkg.")],
+    tiles: Annotated[Optional[Path], typer.Option(help="Folder of image tiles (named PNG/BMP, GeoTIFF): the imagery to read.")] = None,
+    aoi: Annotated[Optional[str], typer.Option(help="AOI: GeoJSON/GPKG/GeoParquet file, a WKT file, or min_lon,min_lat,max_lon,max_lat (default: the tiles' extent).")] = None,
+    plan_level: Annotated[int, typer.Option(help="S2 level of the work cells (14 ≈ 600 m, 15 ≈ 300 m).")] = 14,
+    tile_px: Annotated[int, typer.Option(help="Model tile size in pixels.")] = 512,
+    overlap_px: Annotated[int, typer.Option(help="Overlap of neighbouring model tiles in pixels (blended).")] = 64,
+    threshold: Annotated[float, typer.Option(help="PV probability threshold of a detection.")] = 0.5,
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when present).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """PV probabilities and detections over a region, cell by cell; a re-run finishes only what is left."""
+    from aegir.pipelines.region import infer_region as run_region
+
+    try:
+        with Progress(console=errors) as bar:
+            task = bar.add_task("cells", total=None)
+            report = run_region(_settings(ctx), checkpoint, out, tiles, aoi, plan_level, tile_px, overlap_px, threshold,
+                                progress=lambda done, total: bar.update(task, completed=done, total=total),
+                                device=device)
+    except (ValueError, FileNotFoundError, ducklake.StoreError) as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps(vars(report) | {"chips_per_s": report.chips_per_s}, default=str))
+    else:
+        console.print(f"plan {report.plan_id}: {len(report.processed)} cells done now, {len(report.skipped_done)} "
+                      f"already done, {len(report.failed)} failed, {len(report.no_imagery)} without imagery; "
+                      f"{report.detections} detections in {report.detections_parquet} and {report.detections_gpkg} "
+                      f"({report.chips_per_s:.1f} chips/s)", highlight=False)
+    for item in report.failed:
+        errors.print(f"[red]failed:[/] cell {item['cell_token']}: {item['reason']}", highlight=False)
+    for item in report.tiles_skipped:
+        errors.print(f"[yellow]skipped:[/] {item['file']}: {item['reason']}", highlight=False)
+
+
+@app.command("flywheel")
+def flywheel(
+    ctx: typer.Context,
+    rounds: Annotated[int, typer.Option(help="Rounds of ingest → masks → dataset → train → infer → validate → backfill.")] = 2,
+    out: Annotated[Path, typer.Option(help="Run folder: flywheel_state.json (resume), flywheel_rounds.csv/json, round_<k>/.")] = Path("data/flywheel"),
+    config: Annotated[Optional[Path], typer.Option("--config", help="TOML [flywheel] table of FlywheelConfig fields.")] = None,
+) -> None:
+    """Run the data flywheel N rounds on the embedded defaults; re-running resumes where it stopped."""
+    from aegir.pipelines.flywheel import load_flywheel_config, run_flywheel
+
+    def report(round_index: int, step: str, result: dict, skipped: bool) -> None:
+        note = "done earlier" if skipped else f"{result.get('seconds', 0):.1f} s"
+        errors.print(f"round {round_index} · {step}: {note}", highlight=False)
+
+    try:
+        table = run_flywheel(_settings(ctx), out, rounds, load_flywheel_config(config), on_step=report)
+    except (ValueError, FileNotFoundError, RuntimeError, ducklake.StoreError) as exc:
+        _fail(str(exc))
+    view = Table("round", "rows", "version", "masks by source", "val IoU", "detections", "accepted", "rejected",
+                 "review", "backfilled", "hard neg.", "version after")
+    for row in table:
+        masks = ", ".join(f"{k} {v}" for k, v in row["masks_by_source"].items())
+        val_iou = "-" if row["val_iou"] is None else f"{row['val_iou']:.3f}"
+        view.add_row(*map(str, (row["round"], row["rows"], row["data_version"], masks, val_iou, row["detections"],
+                                row["accepted"], row["rejected"], row["needs_review"], row["backfilled"],
+                                row["hard_negatives"], row["version_after_backfill"])))
+    console.print(view)
+    console.print(f"per-round table: {out / 'flywheel_rounds.csv'}", highlight=False)
 
 
 @app.command("dag")

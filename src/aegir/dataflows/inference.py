@@ -85,13 +85,24 @@ def blended_probabilities(
     tile_px: int = 256,
     overlap_px: int = 64,
     batch_size: int = 8,
+    valid: np.ndarray | None = None,
 ) -> np.ndarray:
-    """(H, W) float32 PV probabilities of ``image`` (C, H, W) from overlapping tiles, blended without seams."""
+    """(H, W) float32 PV probabilities of ``image`` (C, H, W) from overlapping tiles, blended without seams.
+
+    ``valid`` ((H, W) bool, optional): tiles without a single valid pixel are not predicted and pixels outside
+    ``valid`` get probability 0 (every valid pixel lies only in predicted tiles, so its blend is unchanged).
+    """
     height, width = image.shape[-2:]
     padded = _pad_to_tile(image, tile_px)
     origins = _tile_origins(padded.shape, tile_px, overlap_px)
     total = np.zeros(padded.shape[-2:], dtype=np.float64)
     weight_sum = np.zeros_like(total)
+    if valid is not None:
+        padded_valid = _pad_to_tile(np.asarray(valid, bool)[None], tile_px)[0]
+        for row, col in origins:
+            weights = _tile_weights((row, col), padded.shape, tile_px, overlap_px)
+            weight_sum[row : row + tile_px, col : col + tile_px] += weights
+        origins = [(r, c) for r, c in origins if padded_valid[r : r + tile_px, c : c + tile_px].any()]
     for group in _batches(origins, batch_size):
         tiles = np.stack([padded[:, r : r + tile_px, c : c + tile_px] for r, c in group])
         probabilities = np.asarray(predict_tiles(tiles), dtype=np.float64)
@@ -100,8 +111,10 @@ def blended_probabilities(
         for (row, col), tile_probability in zip(group, probabilities):
             weights = _tile_weights((row, col), padded.shape, tile_px, overlap_px)
             total[row : row + tile_px, col : col + tile_px] += weights * tile_probability
-            weight_sum[row : row + tile_px, col : col + tile_px] += weights
-    return (total / weight_sum)[:height, :width].astype(np.float32)
+            if valid is None:
+                weight_sum[row : row + tile_px, col : col + tile_px] += weights
+    blended = (total / weight_sum)[:height, :width].astype(np.float32)
+    return blended if valid is None else np.where(valid, blended, np.float32(0))
 
 
 def pv_mask(blended_probabilities: np.ndarray, pv_threshold: float = 0.5) -> np.ndarray:

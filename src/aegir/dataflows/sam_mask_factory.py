@@ -21,24 +21,9 @@ from aegir.utils import geo
 from aegir.utils.types import Chip
 
 
-def _to_rgb8(chip: Chip) -> np.ndarray:
-    """(H, W, 3) uint8 RGB of a chip: grey → repeated, > 3 bands → the first three, other dtypes stretched
-    (2nd–98th percentile of the valid pixels)."""
-    pixels = chip.pixels
-    if pixels.shape[0] == 1:
-        pixels = np.repeat(pixels, 3, axis=0)
-    pixels = pixels[:3]
-    if pixels.dtype != np.uint8:
-        data = pixels.astype(np.float64)
-        valid = np.ones(data.shape[1:], bool) if chip.valid is None else chip.valid
-        lo, hi = np.percentile(data[:, valid], [2, 98]) if valid.any() else (0.0, 1.0)
-        pixels = np.clip((data - lo) / max(hi - lo, 1e-9) * 255.0, 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(np.moveaxis(pixels, 0, -1))
-
-
 def image_rgb(image_chip: Chip) -> np.ndarray:
     """(H, W, 3) uint8 RGB view of the chip that backends segment."""
-    return _to_rgb8(image_chip)
+    return np.ascontiguousarray(np.moveaxis(image_chip.rgb8(), 0, -1))
 
 
 def prompt_conversion(image_chip: Chip, image_prompt_rows: pd.DataFrame) -> dict[str, Any]:

@@ -128,7 +128,7 @@ def training_rows(
                 "backend_version": provenance_params.get("backend_version"),
                 "params_json": json.dumps({**provenance_params, "georeferenced": chip.georeferenced}, sort_keys=True),
                 "round": int(provenance_params.get("round", 0)),
-                "source_detection": None,
+                "source_detection": chip.extras.get("source_detection"),
                 "created_at": created_at,
                 "code_version": __version__,
             },

@@ -42,6 +42,7 @@ class ValidationThresholds:
     max_area_m2: float = 5e7
     min_rectangularity: float = 0.35
     min_score: float = 0.5
+    require_msi: bool = True  # no valid MSI pixel → needs_review; False: decide on score and shape alone
 
 
 def _pixels_of(geometry: shapely.Geometry, chip: Chip) -> np.ndarray:
@@ -109,7 +110,8 @@ def _reasons(i: int, score: float, idx: dict, unusable: float, shape: dict, t: V
     if np.isfinite(unusable) and unusable > t.max_unusable_fraction:
         reviews.append(f"{unusable:.0%} of its pixels are cloud/shadow/snow")
     elif np.isnan(idx["ndvi"][i]):
-        reviews.append("no valid multispectral pixel")
+        if t.require_msi:
+            reviews.append("no valid multispectral pixel")
     else:
         if idx["ndvi"][i] > t.max_ndvi:
             rejects.append(f"vegetation: NDVI {idx['ndvi'][i]:.2f} > {t.max_ndvi}")
@@ -139,6 +141,44 @@ def validation_decisions(
     columns |= {name: pa.array(values) for name, values in shape_evidence.items()}
     table = pa.table(columns)
     return table.replace_schema_metadata({"thresholds": str(asdict(validation_thresholds))})
+
+
+def object_level_scores(
+    detection_geometries: list, reference_geometries: list, match_iou: float = 0.5
+) -> dict[str, float | int]:
+    """Detections vs held reference labels (both polygons in one CRS, e.g. EPSG:4326).
+
+    Object level: greedy one-to-one matching by descending IoU, a match needs IoU ≥ ``match_iou``;
+    ``precision`` = matched / detections, ``recall`` = matched / references, ``f1``. Area level: ``area_iou`` =
+    area(∩ of the two unions) / area(∪ of the two unions) — the pixel IoU at infinite resolution (area ratios in
+    degrees are exact enough for objects of a few hundred metres).
+    """
+    detections = np.asarray([g for g in detection_geometries if g is not None and not g.is_empty], dtype=object)
+    references = np.asarray([g for g in reference_geometries if g is not None and not g.is_empty], dtype=object)
+    pairs = []
+    if len(detections) and len(references):
+        det_idx, ref_idx = shapely.STRtree(references).query(detections)  # bounding boxes meet
+        inter = shapely.area(shapely.intersection(detections[det_idx], references[ref_idx]))
+        union = shapely.area(detections[det_idx]) + shapely.area(references[ref_idx]) - inter
+        ious = np.where(union > 0, inter / np.maximum(union, 1e-30), 0.0)
+        pairs = sorted(zip(ious, det_idx, ref_idx), reverse=True)
+    used_det, used_ref, matched = set(), set(), 0
+    for iou, d, r in pairs:
+        if iou < match_iou:
+            break
+        if d not in used_det and r not in used_ref:
+            used_det.add(d)
+            used_ref.add(r)
+            matched += 1
+    precision = matched / len(detections) if len(detections) else float(len(references) == 0)
+    recall = matched / len(references) if len(references) else float(len(detections) == 0)
+    det_union, ref_union = shapely.union_all(detections), shapely.union_all(references)
+    union_area = shapely.area(shapely.union(det_union, ref_union))
+    area_iou = float(shapely.area(shapely.intersection(det_union, ref_union)) / union_area) if union_area else 1.0
+    return {"detections": int(len(detections)), "references": int(len(references)), "matched": matched,
+            "precision": precision, "recall": recall,
+            "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+            "area_iou": area_iou, "match_iou": match_iou}
 
 
 def cloud_shadow_mask_from_csmask(msi_chip: Chip, product_level: str = "l1c") -> np.ndarray:

@@ -10,6 +10,7 @@ Every import is one DuckLake transaction: a killed process leaves the lakehouse 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 from dataclasses import dataclass
@@ -362,14 +363,27 @@ PLAN_TABLE = "grid_plan"
 PLAN_STATUSES = ("pending", "running", "done", "failed", "no_imagery")
 
 
+@contextlib.contextmanager
+def _transaction_with(con: duckdb.DuckDBPyConnection, view: str, rows: pa.Table) -> Iterator[None]:
+    """One transaction with ``rows`` registered as ``view``: committed on success, rolled back on any error."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.register(view, rows)
+        yield
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    finally:
+        con.unregister(view)
+
+
 def write_grid_plan(con: duckdb.DuckDBPyConnection, settings: Settings, plan_id: str, plan: pa.Table) -> int:
     """Store ``plan`` under ``plan_id`` in one transaction; cells already planned keep their status. Returns new cells."""
     if not plan_id or not plan_id.replace("_", "").replace("-", "").isalnum():
         raise ValueError(f"plan id {plan_id!r} must be letters, digits, '-' and '_'")
     target = _qualified(settings, PLAN_TABLE)
-    con.execute("BEGIN TRANSACTION")
-    try:
-        con.register("aegir_incoming_plan", plan)
+    with _transaction_with(con, "aegir_incoming_plan", plan):
         view = "SELECT ? AS plan_id, *, 0 AS attempts, CAST(NULL AS VARCHAR) AS message, now() AS updated_at FROM aegir_incoming_plan"
         if not table_exists(con, settings, PLAN_TABLE):
             con.execute(f"CREATE TABLE {target} AS {view}", [plan_id])
@@ -383,12 +397,6 @@ def write_grid_plan(con: duckdb.DuckDBPyConnection, settings: Settings, plan_id:
                 [plan_id],
             )
             added = con.execute(f"SELECT count(*) FROM {target}").fetchone()[0] - before
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    finally:
-        con.unregister("aegir_incoming_plan")
     return added
 
 
@@ -440,3 +448,41 @@ def detection_centroids(con: duckdb.DuckDBPyConnection, settings: Settings):
         f"SELECT centroid_lon, centroid_lat FROM {_qualified(settings, PREDICTIONS_TABLE)}"
     ).fetchnumpy()
     return np.column_stack([rows["centroid_lon"], rows["centroid_lat"]]).astype(np.float64)
+
+
+def replace_cell_predictions(
+    con: duckdb.DuckDBPyConnection, settings: Settings, plan_id: str, cell_token: str, rows: pa.Table
+) -> int:
+    """Replace the ``predicted_pv`` rows of one (plan, cell) with ``rows`` and mark the cell done, in ONE
+    transaction: a re-run never duplicates a cell's detections, and a killed run leaves the cell unfinished."""
+    target = _qualified(settings, PREDICTIONS_TABLE)
+    with _transaction_with(con, "aegir_incoming_predictions", rows):
+        if not table_exists(con, settings, PREDICTIONS_TABLE):
+            con.execute(f"CREATE TABLE {target} AS SELECT * FROM aegir_incoming_predictions")
+        else:
+            _add_missing_columns(con, settings, PREDICTIONS_TABLE, "aegir_incoming_predictions")
+            con.execute(f"DELETE FROM {target} WHERE plan_id = ? AND cell_token = ?", [plan_id, cell_token])
+            con.execute(f"INSERT INTO {target} BY NAME SELECT * FROM aegir_incoming_predictions")
+        set_cell_status(con, settings, plan_id, cell_token, "done", f"{rows.num_rows} detections")
+    return rows.num_rows
+
+
+def read_predictions(con: duckdb.DuckDBPyConnection, settings: Settings, plan_id: str) -> pa.Table:
+    """The ``predicted_pv`` rows of one plan, by cell and detection id (an empty table before any)."""
+    if not table_exists(con, settings, PREDICTIONS_TABLE):
+        return pa.table({})
+    return con.execute(
+        f"SELECT * FROM {_qualified(settings, PREDICTIONS_TABLE)} WHERE plan_id = ? ORDER BY cell_token, detection_id",
+        [plan_id],
+    ).to_arrow_table()
+
+
+def set_plan_status(con: duckdb.DuckDBPyConnection, settings: Settings, plan_id: str, status: str,
+                    message: str | None = None) -> None:
+    """Give every cell of a plan ``status`` (and why) in one statement, e.g. ``no_imagery`` for an empty AOI."""
+    if status not in PLAN_STATUSES:
+        raise ValueError(f"status {status!r} is not one of {', '.join(PLAN_STATUSES)}")
+    con.execute(
+        f"UPDATE {_qualified(settings, PLAN_TABLE)} SET status = ?, message = ?, updated_at = now() WHERE plan_id = ?",
+        [status, message, plan_id],
+    )

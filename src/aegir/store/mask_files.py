@@ -67,13 +67,19 @@ def _read_csv_prompts(path: Path) -> pd.DataFrame:
     return out
 
 
-def _read_geo_prompts(path: Path) -> pd.DataFrame:
+def read_vector_file(path: Path, what: str = "georeferenced prompts"):
+    """A GeoParquet (``.parquet`` / ``.geoparquet``) or any OGR vector file as a GeoDataFrame; MaskFileError
+    (a ValueError) naming the file and ``what`` it should hold when it cannot be read."""
     import geopandas as gpd
 
     try:
-        frame = gpd.read_parquet(path) if path.suffix.lower() in (".parquet", ".geoparquet") else gpd.read_file(path)
+        return gpd.read_parquet(path) if path.suffix.lower() in (".parquet", ".geoparquet") else gpd.read_file(path)
     except Exception as exc:  # pyogrio / pyarrow raise several types
-        raise MaskFileError(f"{path}: cannot read georeferenced prompts ({exc})") from exc
+        raise MaskFileError(f"{path}: cannot read {what} ({exc})") from exc
+
+
+def _read_geo_prompts(path: Path) -> pd.DataFrame:
+    frame = read_vector_file(path)
     if frame.empty:
         return pd.DataFrame()
     if frame.crs is None:
@@ -151,11 +157,15 @@ def write_mask_geotiff(mask: np.ndarray, chip: Chip, path: str | Path) -> Path:
 
 
 def write_polygons(frame, path: str | Path) -> Path:
-    """A GeoDataFrame (EPSG:4326) → GeoParquet (``.parquet``) or GeoJSON (anything else)."""
+    """A GeoDataFrame (EPSG:4326) → GeoParquet (``.parquet``), GeoPackage (``.gpkg``, layer = file stem, replaced)
+    or GeoJSON (anything else)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() in (".parquet", ".geoparquet"):
         frame.to_parquet(path)
+    elif path.suffix.lower() == ".gpkg":
+        path.unlink(missing_ok=True)
+        frame.to_file(path, driver="GPKG", layer=path.stem)
     else:
         path.write_text(frame.to_json(drop_id=True) if len(frame) else json.dumps(
             {"type": "FeatureCollection", "features": []}))

@@ -226,13 +226,44 @@ def reproject_chip(
     return warp_chip_to_grid(chip, dst_crs, dst_transform, width, height, resampling)
 
 
-def chip_footprint_wkb(chip: Chip) -> bytes:
-    """The chip's footprint polygon as WKB in EPSG:4326 (lon/lat), edges densified by the CRS transformation."""
+def grid_bounds(transform: Affine, width: int, height: int) -> tuple[float, float, float, float]:
+    """(left, bottom, right, top) of a ``width`` × ``height`` px grid, in its CRS units."""
+    left, top = transform @ (0, 0)
+    right, bottom = transform @ (width, height)
+    return (min(left, right), min(bottom, top), max(left, right), max(bottom, top))
+
+
+def footprint_lonlat(crs: CRS, bounds: tuple[float, float, float, float]) -> "shapely.Geometry":
+    """The box ``bounds`` (left, bottom, right, top in ``crs``) as an EPSG:4326 polygon, edges densified."""
     import shapely
     from rasterio.warp import transform_geom
 
-    box = shapely.geometry.mapping(shapely.box(*chip.bounds))
-    return shapely.to_wkb(shapely.geometry.shape(transform_geom(chip.crs, "EPSG:4326", box)))
+    box = shapely.geometry.mapping(shapely.box(*bounds))
+    return shapely.geometry.shape(transform_geom(crs, "EPSG:4326", box))
+
+
+def chip_footprint_wkb(chip: Chip) -> bytes:
+    """The chip's footprint polygon as WKB in EPSG:4326 (lon/lat), edges densified by the CRS transformation."""
+    import shapely
+
+    return shapely.to_wkb(footprint_lonlat(chip.crs, chip.bounds))
+
+
+def label_polygons(labels: np.ndarray, transform: Affine, crs: CRS) -> tuple[np.ndarray, np.ndarray]:
+    """Polygons of the labelled regions of ``labels`` ((H, W) int, 0 = background) on the grid (``transform``,
+    ``crs``), in EPSG:4326: (values (N,) int64 ascending, geometries (N,) shapely (Multi)Polygons)."""
+    import shapely
+    from rasterio.features import shapes
+
+    parts: dict[int, list] = {}
+    labels = np.ascontiguousarray(labels, dtype=np.int32)
+    for geometry, value in shapes(labels, mask=labels > 0, transform=transform, connectivity=4):
+        parts.setdefault(int(value), []).append(shapely.geometry.shape(geometry))
+    values = np.array(sorted(parts), dtype=np.int64)
+    geometries = np.empty(len(values), dtype=object)
+    geometries[:] = [parts[v][0] if len(parts[v]) == 1 else shapely.union_all(parts[v]) for v in values]
+    to_lonlat = Transformer.from_crs(crs, WGS84, always_xy=True)
+    return values, shapely.transform(geometries, lambda xy: np.column_stack(to_lonlat.transform(xy[:, 0], xy[:, 1])))
 
 
 def chip_centred_on(tile: Chip, point_lonlat, size_px: int) -> Chip:

@@ -48,6 +48,22 @@ class Chip:
     def width(self) -> int:
         return int(self.pixels.shape[2])
 
+    def rgb8(self) -> np.ndarray:
+        """(3, H, W) uint8 RGB: grey repeated, bands beyond the third dropped, other dtypes stretched from the
+        2nd–98th percentile of the valid pixels to 0–255."""
+        pixels = self.pixels
+        if pixels.shape[0] == 1:
+            pixels = np.repeat(pixels, 3, axis=0)
+        pixels = pixels[:3]
+        if pixels.dtype != np.uint8:
+            data = pixels.astype(np.float64)
+            valid = np.ones(data.shape[1:], bool) if self.valid is None else self.valid
+            lo, hi = np.percentile(data[:, valid], [2, 98]) if valid.any() else (0.0, 1.0)
+            pixels = np.clip((data - lo) / max(hi - lo, 1e-9) * 255.0, 0, 255).astype(np.uint8)
+        if pixels.shape[0] != 3:
+            raise ValueError(f"{self.source}: {pixels.shape[0]} bands, an RGB view needs 1 or at least 3")
+        return pixels
+
     @property
     def bounds(self) -> tuple[float, float, float, float]:
         """(left, bottom, right, top) in ``crs`` units."""

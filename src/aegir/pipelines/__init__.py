@@ -18,13 +18,16 @@ from hamilton import base, driver
 
 from aegir.config import Settings
 from aegir.dataflows import (
+    backfill,
     grid_plan,
     ingest_ducklake_labels,
     label_import,
     lance_writer,
+    region_inference,
     s2_indexing,
     sam_mask_factory,
     training_sample_builder,
+    validation,
 )
 from aegir.store import ducklake
 from aegir.store.label_files import read_label_file
@@ -38,6 +41,9 @@ STAGES: dict[str, tuple[ModuleType, ...]] = {
     "training_samples": (training_sample_builder, lance_writer),
     "mask_factory": (sam_mask_factory,),
     "grid_plan": (grid_plan,),
+    "region_inference": (region_inference,),
+    "validation": (validation,),
+    "backfill": (backfill,),
 }
 
 
@@ -225,6 +231,35 @@ def _default_dataset_name(images_dir: str | Path) -> str:
     return folder.parent.name if folder.name == "images" else folder.name
 
 
+def load_tile_chips(paths: list[Path], masks_by_stem: dict[str, str], skipped: list[dict]) -> tuple[list, dict]:
+    """(chips with ``sample_id``/``prompt_wkb`` extras, {stem: (H, W) uint8 mask}) of image tiles; unusable
+    tiles and masks are appended to ``skipped`` — the per-tile steps of ``build_dataset_from_images``."""
+    import dataclasses
+
+    from aegir.store import image_files
+
+    chips, masks = [], {}
+    for path in paths:
+        chip = _tile_chip(path, skipped)
+        if chip is None:
+            continue
+        if path.stem in masks_by_stem:
+            mask_path = masks_by_stem[path.stem]
+            try:
+                mask = image_files.read_mask(Path(mask_path))
+            except ValueError as exc:
+                skipped.append({"file": mask_path, "reason": str(exc)})
+                continue
+            if mask.shape != (chip.height, chip.width):
+                skipped.append({"file": mask_path,
+                                "reason": f"mask is {mask.shape}, image {path.name} is {(chip.height, chip.width)}"})
+                continue
+            masks[path.stem] = mask
+        extras = {**chip.extras, "sample_id": path.stem, "prompt_wkb": geo.chip_footprint_wkb(chip)}
+        chips.append(dataclasses.replace(chip, extras=extras))
+    return chips, masks
+
+
 def build_dataset_from_images(
     settings: Settings,
     images_dir: str | Path,
@@ -240,8 +275,6 @@ def build_dataset_from_images(
     Tiles that cannot be used (unreadable, no georeference, all nodata, mask of another size) are skipped with the
     reason; the rest of the build continues. Rows are keyed by uuid5(dataset:stem), so a rebuild upserts.
     """
-    import dataclasses
-
     from aegir.store import image_files, lance_io
 
     images = image_files.list_image_files(images_dir)
@@ -252,26 +285,10 @@ def build_dataset_from_images(
     skipped: list[dict] = []
     totals = [0, 0]
     for start in range(0, len(images), BUILD_BATCH):
-        chips, masks = [], {}
-        for path in images[start : start + BUILD_BATCH]:
-            chip = _tile_chip(path, skipped)
-            if progress:
-                progress(1)
-            if chip is None:
-                continue
-            if path.stem in masks_by_stem:
-                try:
-                    mask = image_files.read_mask(masks_by_stem[path.stem])
-                except ValueError as exc:
-                    skipped.append({"file": str(masks_by_stem[path.stem]), "reason": str(exc)})
-                    continue
-                if mask.shape != (chip.height, chip.width):
-                    skipped.append({"file": str(masks_by_stem[path.stem]),
-                                    "reason": f"mask is {mask.shape}, image {path.name} is {(chip.height, chip.width)}"})
-                    continue
-                masks[path.stem] = mask
-            extras = {**chip.extras, "sample_id": path.stem, "prompt_wkb": geo.chip_footprint_wkb(chip)}
-            chips.append(dataclasses.replace(chip, extras=extras))
+        batch = images[start : start + BUILD_BATCH]
+        chips, masks = load_tile_chips(batch, masks_by_stem, skipped)
+        if progress:
+            progress(len(batch))
         msi_chips, msi_skipped = _msi_for(chips, msi_dir)
         skipped += msi_skipped
         result = _write_training_batch(table, chips, masks, msi_chips, dataset, encoding, "ground_truth", params)
@@ -476,6 +493,8 @@ def _pixel_grid_crs():
 
 
 def _write_all_polygons(frames: list, path: Path) -> Path:
+    """Georeferenced mask polygons → ``path`` (EPSG:4326, always written); polygons of images without a
+    georeference → ``<path stem>_pixels.geojson`` beside it, in pixel coordinates (x = column, y = row)."""
     import geopandas as gpd
     import pandas as pd
 
@@ -486,6 +505,10 @@ def _write_all_polygons(frames: list, path: Path) -> Path:
         frame = gpd.GeoDataFrame(pd.concat(georef, ignore_index=True), crs="EPSG:4326")
     else:
         frame = gpd.GeoDataFrame({"image": [], "prompt_id": []}, geometry=[], crs="EPSG:4326")
+    pixel_frames = [f for f in frames if f.crs is None]
+    if pixel_frames:
+        pixels = gpd.GeoDataFrame(pd.concat(pixel_frames, ignore_index=True))
+        mask_files.write_polygons(pixels, path.with_name(f"{path.stem}_pixels.geojson"))
     return mask_files.write_polygons(frame, path)
 
 
@@ -522,36 +545,29 @@ def upsert_generated_masks(settings: Settings, items: list, mask_backend: Any, u
 def evaluate_masks(pred_dir: str | Path, truth_dir: str | Path) -> dict:
     """IoU / F1 of predicted masks against truth masks matched by file stem (PV where value > 0).
 
-    ``mean_iou`` / ``mean_f1``: over images (an image where both are empty counts 1.0); ``pixel_iou``: over all
-    pixels of all matched images. Stems only on one side are listed in ``unmatched_pred`` / ``unmatched_truth``.
+    Metrics as defined in :mod:`aegir.utils.mask_metrics`. Stems only on one side are listed in
+    ``unmatched_pred`` / ``unmatched_truth``; unreadable or mis-sized pairs in ``problems``.
     """
     from aegir.store import image_files
+    from aegir.utils.mask_metrics import mask_set_metrics
 
     pred = image_files.mask_files_by_stem(pred_dir)
     truth = image_files.mask_files_by_stem(truth_dir)
-    per_image, inter_all, union_all = {}, 0, 0
-    problems = []
-    for stem in sorted(set(pred) & set(truth)):
-        try:
-            p, t = image_files.read_mask(pred[stem]) > 0, image_files.read_mask(truth[stem]) > 0
-        except ValueError as exc:
-            problems.append({"stem": stem, "reason": str(exc)})
-            continue
-        if p.shape != t.shape:
-            problems.append({"stem": stem, "reason": f"prediction is {p.shape}, truth is {t.shape}"})
-            continue
-        inter, union, total = int((p & t).sum()), int((p | t).sum()), int(p.sum() + t.sum())
-        per_image[stem] = {"iou": 1.0 if union == 0 else inter / union,
-                           "f1": 1.0 if total == 0 else 2 * inter / total,
-                           "pred_px": int(p.sum()), "truth_px": int(t.sum())}
-        inter_all, union_all = inter_all + inter, union_all + union
-    values = list(per_image.values())
-    return {
-        "mean_iou": float(np.mean([v["iou"] for v in values])) if values else None,
-        "mean_f1": float(np.mean([v["f1"] for v in values])) if values else None,
-        "pixel_iou": (inter_all / union_all if union_all else 1.0) if values else None,
-        "images": len(values),
-        "per_image": per_image,
+    problems: list[dict] = []
+
+    def pairs():
+        for stem in sorted(set(pred) & set(truth)):
+            try:
+                p, t = image_files.read_mask(pred[stem]) > 0, image_files.read_mask(truth[stem]) > 0
+            except ValueError as exc:
+                problems.append({"stem": stem, "reason": str(exc)})
+                continue
+            if p.shape != t.shape:
+                problems.append({"stem": stem, "reason": f"prediction is {p.shape}, truth is {t.shape}"})
+                continue
+            yield stem, p, t
+
+    return mask_set_metrics(pairs()) | {
         "unmatched_pred": sorted(set(pred) - set(truth)),
         "unmatched_truth": sorted(set(truth) - set(pred)),
         "problems": problems,

@@ -1,0 +1,156 @@
+"""Benchmark: peak memory and chips/s of ``aegir infer region`` as the region grows (1×, 4×, 16× area).
+
+Data: the real Austin tiles (NREL / Google-static z19, 640² px, georeferenced from their names); the 1× region is
+one tile, 4× a 2×2 block, 16× a 4×4 block of neighbouring tiles (linked into a temporary folder). Each size runs
+in a fresh subprocess with its own lakehouse: plan (S2 level ``--plan-level``, default 16 ≈ 140 m cells, smaller
+than one tile so every size has whole cells), per-cell mosaic, blended probabilities, COGs, detections. Peak RSS
+is ``resource.getrusage(RUSAGE_SELF).ru_maxrss``; "run" is that peak minus the RSS after imports and model set-up.
+Flat memory: the run peak is bounded by one cell's window, whatever the region's size. (The 1× region's cells are
+cut by its single tile's edges, so its windows are smaller than those of larger regions: "run MB" rises from 1× to
+4×–16× and then stays put; measured 801.0 MB peak at 16× and 801.1 MB at 25×, ``--sizes 1,4,16,25``.)
+
+Model: by default a fixed random fully-convolutional net (fast on a CPU, so the default run takes about a minute);
+``--checkpoint best.ckpt`` uses a trained model (chips/s then measures it). Chips are ``--tile-px``² model tiles.
+
+Run: ``python bench/inference.py [--sizes 1,4,16] [--checkpoint CKPT] [--plan-level 16] [--threads 1]``.
+Prints one row per size and the ratios to 1×, measured in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+AUSTIN = SHARED_DATA / "vhr" / "nrel_panel_segmentation" / "sol-searcher_data_examples"
+
+
+def _rss_mb() -> float:
+    """Current resident set size in MiB (Linux /proc)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _link_block(dest: Path, side: int) -> Path:
+    """A folder of links to a ``side`` × ``side`` block of neighbouring Austin tiles (names are lat_lon.png)."""
+    names = sorted(p.name for p in AUSTIN.glob("*.png"))
+    lats = sorted({n.split("_")[0] for n in names}, key=float)
+    lons = sorted({n.split("_")[1].removesuffix(".png") for n in names}, key=float)
+    if side > min(len(lats), len(lons)):
+        raise SystemExit(f"the Austin set is {len(lons)}×{len(lats)} tiles; a {side}×{side} block does not fit")
+    dest.mkdir(parents=True)
+    for lat in lats[:side]:
+        for lon in lons[:side]:
+            (dest / f"{lat}_{lon}.png").symlink_to(AUSTIN / f"{lat}_{lon}.png")
+    return dest
+
+
+class _ConvNet:
+    """A fixed random 4-layer conv net (3→8→8→8→1, sigmoid): ``predict_proba((3, H, W) uint8) -> (H, W)``."""
+
+    data_version, dataset_uri = -1, "bench://random-conv"
+
+    def __init__(self) -> None:
+        import torch
+
+        torch.manual_seed(0)
+        layers = []
+        for c_in, c_out in ((3, 8), (8, 8), (8, 8), (8, 1)):
+            layers += [torch.nn.Conv2d(c_in, c_out, 3, padding=1), torch.nn.Tanh()]
+        self.net = torch.nn.Sequential(*layers[:-1], torch.nn.Sigmoid()).eval()
+
+    def predict_proba(self, image):
+        import torch
+
+        with torch.no_grad():
+            return self.net(torch.from_numpy(image.astype("float32") / 255.0)[None])[0, 0].numpy()
+
+
+def child(args: argparse.Namespace) -> None:
+    """One size in this (fresh) process: print a JSON line with its numbers."""
+    import torch
+
+    from aegir.config import Settings
+    from aegir.pipelines.region import infer_region
+
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    tiles = _link_block(work / "tiles", args.side)
+    if args.checkpoint:
+        from aegir.training.litmodule import load_segmentation_model
+
+        checkpoint, model = Path(args.checkpoint), load_segmentation_model(args.checkpoint, device="cpu")
+    else:
+        checkpoint, model = work / "random-conv.ckpt", _ConvNet()
+        checkpoint.write_bytes(b"random conv net: provenance only")
+    settings = Settings(lancedb_root=str(work / "lancedb"), ducklake_catalog=str(work / "lake" / "catalog.ducklake"),
+                        ducklake_data_path=str(work / "lake" / "files") + "/")
+    baseline = _rss_mb()
+    report = infer_region(settings, checkpoint, work / "out", tiles, plan_level=args.plan_level,
+                          tile_px=args.tile_px, overlap_px=args.overlap_px, model=model)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"tiles": args.side**2, "cells": report.cells, "chips": report.chips,
+                      "seconds": report.seconds, "chips_per_s": report.chips_per_s, "detections": report.detections,
+                      "baseline_mb": baseline, "peak_mb": peak, "failed": len(report.failed)}))
+
+
+def _run_size(side: int, args: argparse.Namespace, root: Path) -> dict:
+    command = [sys.executable, __file__, "--child", "--side", str(side), "--work", str(root / f"x{side * side}"),
+               "--plan-level", str(args.plan_level), "--tile-px", str(args.tile_px), "--overlap-px",
+               str(args.overlap_px), "--threads", str(args.threads)]
+    if args.checkpoint:
+        command += ["--checkpoint", args.checkpoint]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    if done.returncode:
+        raise SystemExit(f"size {side}×{side} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="1,4,16", help="Region sizes in tiles (squares: 1, 4, 9, 16, 25).")
+    parser.add_argument("--checkpoint", default=None, help="A trained best.ckpt (default: a fixed random conv net).")
+    parser.add_argument("--plan-level", type=int, default=16)
+    parser.add_argument("--tile-px", type=int, default=512)
+    parser.add_argument("--overlap-px", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in each run.")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--side", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    sides = [math.isqrt(int(s)) for s in args.sizes.split(",")]
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="aegir-bench-infer-") as tmp:
+        rows = [_run_size(side, args, Path(tmp)) for side in sides]
+    first = rows[0]
+    model = f"checkpoint {args.checkpoint}" if args.checkpoint else "random conv"
+    print(f"aegir infer region: Austin tiles, S2 level {args.plan_level} cells, {args.tile_px}² chips "
+          f"(overlap {args.overlap_px}), model {model}, {args.threads} torch thread(s)")
+    print(f"{'area':>5} {'tiles':>5} {'cells':>5} {'chips':>6} {'detect':>6} {'chips/s':>8} {'peak MB':>8} "
+          f"{'run MB':>7} {'peak/1x':>8} {'run/1x':>7}")
+    first_run = max(first["peak_mb"] - first["baseline_mb"], 1e-9)
+    for row in rows:
+        run_mb = row["peak_mb"] - row["baseline_mb"]
+        print(f"{row['tiles'] // first['tiles']:>4}x {row['tiles']:>5} {row['cells']:>5} {row['chips']:>6} "
+              f"{row['detections']:>6} {row['chips_per_s']:>8.1f} {row['peak_mb']:>8.0f} {run_mb:>7.0f} "
+              f"{row['peak_mb'] / first['peak_mb']:>8.2f} {run_mb / first_run:>7.2f}")
+    worst = max(r["peak_mb"] for r in rows) / first["peak_mb"]
+    print(f"peak RSS at {rows[-1]['tiles'] // first['tiles']}x area / 1x: {rows[-1]['peak_mb'] / first['peak_mb']:.2f} "
+          f"(max {worst:.2f}); {'flat' if worst < 1.25 else 'NOT flat'} (< 1.25×); "
+          f"total {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""``aegir flywheel``: ingest → masks → dataset → train → infer → validate → backfill, N rounds, resumable.
+
+Each round's steps write their result into ``OUT/flywheel_state.json`` as they finish; a re-run (after a crash or
+Ctrl-C) skips every step already recorded and goes on with the next. One row per round goes to
+``OUT/flywheel_rounds.csv`` / ``.json``: training rows, masks by source, validation IoU, detections accepted /
+rejected / for review, backfilled samples and the ``training_data`` version the round trained on.
+
+On the embedded defaults the shared data plays these parts:
+- **ingest**: the shared PV label sets into the DuckLake lakehouse (idempotent: later rounds add nothing).
+- **masks**: the Mask Factory (offline backend) on the seed tiles, prompted by one box per ground-truth
+  component, scored against the ground truth: the quality gate of the prompt → mask path the backfill uses.
+- **dataset**: round 1 upserts the seed tiles (Jiang PV01 + ground-truth masks); later rounds train on the
+  version the previous backfill wrote (seed + backfilled samples).
+- **train**: ``aegir train`` with a short, time-capped CPU recipe.
+- **infer**: region inference over the Austin tiles (their grid from the file names) → detections.
+- **validate**: score and shape checks (no Sentinel-2 scene covers Austin in the shared data, so MSI evidence is
+  not required there: ``require_msi = False``), plus agreement with the previous round's detections.
+- **backfill**: accepted detections → chips with masks from the ``model`` backend (the round's checkpoint,
+  prompted by each detection's box); rejected → hard-negative chips; one new ``training_data`` version.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from aegir.config import Settings
+
+STEPS = ("ingest", "masks", "dataset", "train", "infer", "validate", "backfill")
+SEED_DATASET = "jiang_pv01"
+BACKFILL_DATASET = "flywheel_backfill"
+
+
+@dataclass
+class FlywheelConfig:
+    """What a flywheel run uses; defaults are the shared data and a CPU recipe that finishes in minutes."""
+
+    seed_images: str = ""  # default: <sample_data_dir>/vhr/jiang_pv01/images (+ masks beside)
+    seed_masks: str = ""
+    region_tiles: str = ""  # default: <sample_data_dir>/vhr/nrel_panel_segmentation/sol-searcher_data_examples
+    train_max_epochs: int = 12
+    train_max_minutes: float = 3.0
+    train_batch_size: int = 8
+    infer_threshold: float = 0.5
+    min_score: float = 0.6
+    min_area_m2: float = 2.0
+    min_rectangularity: float = 0.35
+    backfill_chip_px: int = 256
+    max_backfill: int = 64  # accepted detections backfilled per round (highest score first)
+    max_hard_negatives: int = 64  # rejected detections kept as hard negatives per round (highest score first)
+    import_labels: bool = True
+    train_overrides: dict[str, Any] = field(default_factory=dict)  # any other TrainConfig field, e.g. encoder
+
+    def resolved(self, settings: Settings) -> "FlywheelConfig":
+        data = Path(settings.sample_data_dir)
+        jiang = data / "vhr" / "jiang_pv01"
+        return FlywheelConfig(**{**asdict(self),
+                                 "seed_images": self.seed_images or str(jiang / "images"),
+                                 "seed_masks": self.seed_masks or str(jiang / "masks"),
+                                 "region_tiles": self.region_tiles or str(
+                                     data / "vhr" / "nrel_panel_segmentation" / "sol-searcher_data_examples")})
+
+
+def load_flywheel_config(path: str | Path | None) -> FlywheelConfig:
+    """Defaults, or a TOML file's ``[flywheel]`` table (unknown keys are an error naming the file)."""
+    import tomllib
+
+    if path is None:
+        return FlywheelConfig()
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such flywheel config file")
+    try:
+        values = tomllib.loads(path.read_text()).get("flywheel", {})
+        return FlywheelConfig(**values)
+    except (tomllib.TOMLDecodeError, TypeError) as exc:
+        raise ValueError(f"{path}: cannot use this flywheel config ({exc})") from exc
+
+
+class FlywheelState:
+    """``OUT/flywheel_state.json``: {"config": …, "rounds": {"1": {step: result}}}; written after every step."""
+
+    def __init__(self, out: Path, config: FlywheelConfig) -> None:
+        self.path = out / "flywheel_state.json"
+        self.data: dict[str, Any] = {"config": asdict(config), "rounds": {}}
+        if self.path.is_file():
+            try:
+                self.data = json.loads(self.path.read_text())
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{self.path}: unreadable flywheel state ({exc}); move it away to start over") from exc
+
+    def result(self, round_index: int, step: str) -> dict | None:
+        return self.data["rounds"].get(str(round_index), {}).get(step)
+
+    def record(self, round_index: int, step: str, result: dict) -> None:
+        self.data["rounds"].setdefault(str(round_index), {})[step] = result
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, default=str))
+        tmp.replace(self.path)
+
+
+def run_flywheel(settings: Settings, out_dir: str | Path, rounds: int = 2, config: FlywheelConfig | None = None,
+                 on_step: Callable[[int, str, dict, bool], None] | None = None) -> list[dict]:
+    """Run (or resume) ``rounds`` rounds; returns the per-round table rows. ``on_step(round, step, result,
+    skipped)`` is called after every step (``skipped``: it was already done)."""
+    from aegir.pipelines import flywheel_steps as steps
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = (config or FlywheelConfig()).resolved(settings)
+    state = FlywheelState(out, config)
+    table = []
+    for round_index in range(1, rounds + 1):
+        context = steps.RoundContext(settings, config, out, round_index, state)
+        for step in STEPS:
+            done = state.result(round_index, step)
+            if done is None:
+                started = time.perf_counter()
+                result = getattr(steps, f"step_{step}")(context)
+                result["seconds"] = round(time.perf_counter() - started, 1)
+                state.record(round_index, step, result)
+            if on_step:
+                on_step(round_index, step, done or state.result(round_index, step), done is not None)
+        table.append(steps.round_summary(context))
+    write_round_table(out, table)
+    return table
+
+
+def write_round_table(out: Path, table: list[dict]) -> None:
+    """``OUT/flywheel_rounds.json`` and ``.csv`` (one row per round)."""
+    (out / "flywheel_rounds.json").write_text(json.dumps(table, indent=1))
+    if table:
+        with (out / "flywheel_rounds.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(table[0]))
+            writer.writeheader()
+            writer.writerows([{k: json.dumps(v) if isinstance(v, dict) else v for k, v in row.items()}
+                              for row in table])

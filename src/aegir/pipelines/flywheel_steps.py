@@ -1,0 +1,257 @@
+"""The steps of one flywheel round (see :mod:`aegir.pipelines.flywheel`); each returns a JSON-able result dict."""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from aegir.config import Settings
+
+SEED_DATASET = "jiang_pv01"
+BACKFILL_DATASET = "flywheel_backfill"
+
+
+@dataclass
+class RoundContext:
+    settings: Settings
+    config: Any  # FlywheelConfig
+    out: Path
+    round_index: int
+    state: Any  # FlywheelState
+
+    @property
+    def round_dir(self) -> Path:
+        path = self.out / f"round_{self.round_index}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def table_uri(self) -> str:
+        return str(Path(self.settings.lancedb_root) / "training_data")
+
+    def earlier(self, step: str, round_index: int | None = None) -> dict:
+        result = self.state.result(self.round_index if round_index is None else round_index, step)
+        if result is None:
+            raise RuntimeError(f"flywheel round {self.round_index}: step {step!r} has no recorded result")
+        return result
+
+
+def _table(context: RoundContext):
+    from aegir.store import lance_io
+
+    return lance_io.open_training_table(context.table_uri, context.settings.lancedb_root)
+
+
+def _masks_by_source(context: RoundContext, version: int) -> dict[str, int]:
+    table = _table(context).to_lance().checkout_version(version)
+    sources = table.to_table(columns={"source": "metadata.mask_source"})["source"].to_pylist()
+    return dict(Counter(s or "none" for s in sources))
+
+
+# ---- steps -------------------------------------------------------------------------------------------------
+
+
+def step_ingest(context: RoundContext) -> dict:
+    """The shared label sets into DuckLake (no-op rows on later rounds: imports are idempotent)."""
+    from aegir import pipelines
+    from aegir.sample_data import SAMPLE_LABEL_SETS
+
+    if not context.config.import_labels:
+        return {"skipped": "import_labels = false"}
+    data = Path(context.settings.sample_data_dir)
+    added = {}
+    for item in SAMPLE_LABEL_SETS:
+        report = pipelines.import_labels(context.settings, item.path(data), item.dataset, doi=item.doi)
+        added[item.dataset] = report.commit.inserted
+    return {"new_label_rows": added}
+
+
+def _gt_component_prompts(images: Path, masks: Path, path: Path) -> int:
+    from scipy import ndimage as ndi
+
+    from aegir.store.image_files import list_image_files, mask_files_by_stem, read_mask
+
+    by_stem = mask_files_by_stem(masks)
+    rows = 0
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["filename", "xmin", "ymin", "xmax", "ymax"])
+        for image in list_image_files(images):
+            if image.stem not in by_stem:
+                continue
+            labels, _ = ndi.label(read_mask(by_stem[image.stem]) > 0, structure=np.ones((3, 3)))
+            for s in ndi.find_objects(labels):
+                writer.writerow([image.name, s[1].start, s[0].start, s[1].stop, s[0].stop])
+                rows += 1
+    return rows
+
+
+def step_masks(context: RoundContext) -> dict:
+    """Round 1: offline Mask Factory on the seed tiles (one box per ground-truth component), scored against the
+    ground truth. Later rounds: the backfill of the previous round made this round's new masks."""
+    from aegir import pipelines
+
+    cfg = context.config
+    if context.round_index > 1:
+        previous = context.earlier("backfill", context.round_index - 1)
+        return {"new_masks": previous.get("backfilled", 0), "backend": "model (previous round's backfill)"}
+    prompts = context.round_dir / "seed_box_prompts.csv"
+    count = _gt_component_prompts(Path(cfg.seed_images), Path(cfg.seed_masks), prompts)
+    report = pipelines.generate_masks(cfg.seed_images, prompts, "offline", context.round_dir / "masks")
+    quality = pipelines.evaluate_masks(context.round_dir / "masks", cfg.seed_masks)
+    return {"prompts": count, "masks": len(report.written), "backend": "offline",
+            "mean_iou_vs_ground_truth": quality["mean_iou"], "pixel_iou_vs_ground_truth": quality["pixel_iou"]}
+
+
+def step_dataset(context: RoundContext) -> dict:
+    """Round 1 upserts the seed tiles with their ground-truth masks; every round pins the version it trains on."""
+    from aegir import pipelines
+
+    cfg = context.config
+    if context.round_index == 1:
+        pipelines.build_dataset_from_images(context.settings, cfg.seed_images, cfg.seed_masks, context.table_uri,
+                                            SEED_DATASET)
+    table = _table(context)
+    version = int(table.version)
+    return {"version": version, "rows": table.count_rows(), "masks_by_source": _masks_by_source(context, version)}
+
+
+def step_train(context: RoundContext) -> dict:
+    """A short, time-capped CPU training run on the pinned version."""
+    from aegir.training.config import TrainConfig
+    from aegir.training.train import run_training
+
+    cfg = context.config
+    version = context.earlier("dataset")["version"]
+    config = TrainConfig(max_epochs=cfg.train_max_epochs, max_minutes=cfg.train_max_minutes,
+                         batch_size=cfg.train_batch_size, dataset_version=version, wandb=False, progress_bar=False,
+                         accelerator="cpu").replace(**cfg.train_overrides)
+    result = run_training(context.table_uri, config, context.round_dir / "train", context.settings.lancedb_root)
+    return {"checkpoint": result.best_checkpoint, "data_version": result.data_version,
+            "split_counts": result.split_counts, "epochs": result.epochs,
+            "val_iou": result.best_metrics.get("val/iou"), "val_mean_iou": result.best_metrics.get("val/mean_iou")}
+
+
+def step_infer(context: RoundContext) -> dict:
+    """Region inference over the region tiles with this round's checkpoint."""
+    from aegir.pipelines import region
+
+    cfg = context.config
+    checkpoint = context.earlier("train")["checkpoint"]
+    report = region.infer_region(context.settings, checkpoint, context.round_dir / "infer",
+                                 tiles_dir=cfg.region_tiles, pv_threshold=cfg.infer_threshold)
+    return _jsonable(report)
+
+
+def _jsonable(report: Any) -> dict:
+    import dataclasses
+
+    data = dataclasses.asdict(report) if dataclasses.is_dataclass(report) else dict(report)
+    return {k: (v if isinstance(v, (str, int, float, bool, type(None), list, dict)) else str(v)) for k, v in data.items()}
+
+
+def _detections(context: RoundContext, round_index: int | None = None):
+    import geopandas as gpd
+
+    path = context.out / f"round_{round_index or context.round_index}" / "infer" / "detections.parquet"
+    return gpd.read_parquet(path) if path.is_file() else gpd.GeoDataFrame(geometry=[], crs="EPSG:4326")
+
+
+def step_validate(context: RoundContext) -> dict:
+    """Accept / reject / needs_review per detection (score and shape; MSI evidence when a scene covers it)."""
+    from aegir.dataflows import validation
+
+    cfg = context.config
+    detections = _detections(context)
+    thresholds = validation.ValidationThresholds(min_score=cfg.min_score, min_area_m2=cfg.min_area_m2,
+                                                 min_rectangularity=cfg.min_rectangularity, require_msi=False)
+    geometries = list(detections.geometry)
+    n = len(geometries)
+    shape = validation.shape_evidence(geometries) if n else {"area_m2": np.zeros(0), "rectangularity": np.zeros(0)}
+    no_msi = {name: np.full(n, np.nan) for name in validation.INDEX_NAMES}
+    decisions = validation.validation_decisions(detections["score"].to_numpy() if n else np.zeros(0), no_msi,
+                                                np.full(n, np.nan), shape, thresholds)
+    path = context.round_dir / "validation.parquet"
+    ids = detections["detection_id"].astype(str).tolist() if n else []
+    pq.write_table(decisions.append_column("detection_id", pa.array(ids, pa.string())), path)
+    counts = Counter(decisions["decision"].to_pylist())
+    result = {"detections": n, "accepted": counts.get("accept", 0), "rejected": counts.get("reject", 0),
+              "needs_review": counts.get("needs_review", 0), "decisions": str(path)}
+    if context.round_index > 1:  # accepted detections of this round vs the previous round's
+        previous = _accepted_geometries(context, context.round_index - 1)
+        accepted = [g for g, d in zip(geometries, decisions["decision"].to_pylist()) if d == "accept"]
+        result["agreement_with_previous_round"] = validation.object_level_scores(accepted, previous)
+    return result
+
+
+def _accepted_geometries(context: RoundContext, round_index: int) -> list:
+    detections = _detections(context, round_index)
+    decisions = pq.read_table(context.earlier("validate", round_index)["decisions"])["decision"].to_pylist()
+    return [g for g, d in zip(detections.geometry, decisions) if d == "accept"]
+
+
+def step_backfill(context: RoundContext) -> dict:
+    """Accepted detections → chips + model-refined masks, rejected → hard negatives; one upsert each."""
+    from aegir import pipelines
+    from aegir.masks.base import get_backend
+
+    detections = _detections(context)
+    if not len(detections):
+        return {"backfilled": 0, "hard_negatives": 0, "version": int(_table(context).version)}
+    decisions = pq.read_table(context.earlier("validate")["decisions"])
+    checkpoint = context.earlier("train")["checkpoint"]
+    backend = get_backend("model", checkpoint=checkpoint)
+    tiles = _detection_tiles(detections, Path(context.config.region_tiles))
+    inputs = {"detections": detections, "validation_decisions": decisions, "detection_tiles": tiles,
+              "backfill_chip_px": context.config.backfill_chip_px, "mask_backend": backend,
+              "max_backfill": context.config.max_backfill, "max_hard_negatives": context.config.max_hard_negatives}
+    result = pipelines.run_stage("backfill", ["accepted_chips", "refined_masks", "hard_negative_chips",
+                                              "hard_negative_masks"], inputs)
+    table = _table(context)
+    params = {"round": context.round_index, "model_checkpoint": checkpoint, "backend_version": backend.version}
+    written = {"backfilled": 0, "hard_negatives": 0}
+    for key, chips, masks, source in (("backfilled", result["accepted_chips"], result["refined_masks"], "flywheel:model"),
+                                      ("hard_negatives", result["hard_negative_chips"], result["hard_negative_masks"],
+                                       "hard_negative")):
+        if chips:
+            pipelines._write_training_batch(table, chips, masks, {}, BACKFILL_DATASET, "raw", source, params)
+            written[key] = len(chips)
+    table = _table(context)
+    return written | {"version": int(table.version), "rows": table.count_rows()}
+
+
+def _detection_tiles(detections, tiles_dir: Path) -> dict[str, Any]:
+    """detection_id → the region tile (Chip) whose footprint holds the detection's centroid."""
+    import shapely
+
+    from aegir.dataflows.vhr_loaders import named_tile_chip
+    from aegir.store.image_files import list_image_files
+    from aegir.utils import geo
+
+    chips = [named_tile_chip(str(path)) for path in list_image_files(tiles_dir)]
+    footprints = np.array([shapely.from_wkb(geo.chip_footprint_wkb(c)) for c in chips], dtype=object)
+    tree = shapely.STRtree(footprints)
+    out = {}
+    for detection_id, geometry in zip(detections["detection_id"].astype(str), detections.geometry):
+        hits = tree.query(shapely.centroid(geometry), predicate="within")
+        if len(hits):
+            out[detection_id] = chips[int(hits[0])]
+    return out
+
+
+def round_summary(context: RoundContext) -> dict:
+    """One row of the per-round table."""
+    dataset, train = context.earlier("dataset"), context.earlier("train")
+    validate, backfill = context.earlier("validate"), context.earlier("backfill")
+    return {"round": context.round_index, "rows": dataset["rows"], "data_version": dataset["version"],
+            "masks_by_source": dataset["masks_by_source"], "val_iou": train.get("val_iou"),
+            "detections": validate["detections"], "accepted": validate["accepted"], "rejected": validate["rejected"],
+            "needs_review": validate["needs_review"], "backfilled": backfill["backfilled"],
+            "hard_negatives": backfill["hard_negatives"], "version_after_backfill": backfill["version"]}

@@ -1,0 +1,233 @@
+"""Regional tiled inference (``aegir infer region``): a resumable S2 grid plan over a folder of tiles, run one
+cell at a time through :mod:`aegir.dataflows.region_inference`.
+
+Per cell: read the overlapping tiles, mosaic them on a common grid, blend overlapping-tile probabilities, write
+``OUT/cells/<token>.tif`` (COG, uint8 probability × 255) and replace the cell's rows in the lakehouse table
+``predicted_pv`` while marking it done (one transaction). A cell whose read or prediction fails is marked
+``failed`` with the reason and the others go on; a cell without imagery is marked ``no_imagery``; a killed run
+leaves its cell ``running``. A re-run of the same inputs (same plan id) skips done cells and finishes the rest.
+At the end ``OUT/detections.parquet`` (GeoParquet) and ``OUT/detections.gpkg`` are rewritten from every
+``predicted_pv`` row of the plan. Only one cell's mosaic is in memory at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import shapely
+
+from aegir.config import Settings
+from aegir.dataflows import region_inference
+from aegir.pipelines import build_driver, plan_grid
+from aegir.store import ducklake, region_files
+
+CELL_OUTPUTS = ("cell_probability_raster", "prediction_rows")
+TODO_STATUSES = ("pending", "running", "failed")
+
+
+NoImageryError = region_inference.NoImageryError  # the AOI, or a cell, holds no imagery from the tile folder
+
+
+@dataclass
+class RegionReport:
+    """Outcome of one ``aegir infer region`` run; cell lists hold S2 tokens or {cell_token, reason}."""
+
+    plan_id: str
+    out_dir: str
+    cells: int
+    processed: list[str] = field(default_factory=list)
+    skipped_done: list[str] = field(default_factory=list)
+    resumed: list[str] = field(default_factory=list)  # found "running": an earlier run was killed in them
+    failed: list[dict] = field(default_factory=list)
+    no_imagery: list[dict] = field(default_factory=list)
+    new_detections: int = 0
+    detections: int = 0
+    detections_parquet: str = ""
+    detections_gpkg: str = ""
+    cell_rasters: list[str] = field(default_factory=list)
+    tiles_skipped: list[dict] = field(default_factory=list)
+    chips: int = 0
+    seconds: float = 0.0
+
+    @property
+    def chips_per_s(self) -> float:
+        """Model tiles (``tile_px``²) predicted per second of this run."""
+        return self.chips / self.seconds if self.seconds else 0.0
+
+
+class _CountingModel:
+    """Passes ``predict_proba`` through to the model and counts the tiles predicted."""
+
+    def __init__(self, model: Any) -> None:
+        self.model, self.calls = model, 0
+        self.data_version = getattr(model, "data_version", -1)
+        self.dataset_uri = getattr(model, "dataset_uri", "")
+
+    def predict_proba(self, image):
+        self.calls += 1
+        return self.model.predict_proba(image)
+
+
+def region_plan_id(tiles: list[region_files.TileRef], aoi: shapely.Geometry, plan_level: int,
+                   checkpoint: str | Path, settings_key: tuple) -> str:
+    """``region_l<level>_<hash>``: a digest of the tile files' paths, the AOI, the checkpoint (path, size, mtime)
+    and the inference settings, so the same inputs resume the same plan and different ones never share cells
+    (a damaged tile replaced under the same name keeps the plan: its failed cells are retried)."""
+    ckpt = Path(checkpoint).resolve()
+    stat = ckpt.stat()
+    digest = hashlib.sha1()
+    tile_paths = sorted(str(Path(t.path).absolute()) for t in tiles)
+    for part in (*tile_paths, shapely.to_wkb(aoi, hex=True, output_dimension=2),
+                 str(ckpt), stat.st_size, stat.st_mtime_ns, plan_level, *settings_key):
+        digest.update(str(part).encode() + b"\0")
+    return f"region_l{plan_level}_{digest.hexdigest()[:12]}"
+
+
+def _region_aoi(aoi: str | Path | shapely.Geometry | None, tiles: list[region_files.TileRef]) -> shapely.Geometry:
+    """The AOI (EPSG:4326): as given, read from a file / bbox, or the union of the tiles' footprints."""
+    if aoi is None:
+        return shapely.union_all([t.footprint for t in tiles])
+    return aoi if isinstance(aoi, shapely.Geometry) else region_files.read_aoi(aoi)
+
+
+def _load_model(checkpoint: str | Path, device: str | None) -> Any:
+    from aegir.training.litmodule import load_segmentation_model
+
+    return load_segmentation_model(str(checkpoint), device=device)
+
+
+def _index_tiles(tiles_dir: str | Path | None, aoi: Any) -> tuple[list[region_files.TileRef], list[dict]]:
+    if tiles_dir is None:
+        given = f"the AOI {aoi} selects cells, but " if aoi is not None else ""
+        raise ValueError(f"{given}region inference reads imagery from a tile folder: pass --tiles DIR "
+                         "(no other imagery source is configured)")
+    tiles, skipped = region_files.tile_index(tiles_dir)
+    if not tiles:
+        reasons = "; ".join(f"{s['file']}: {s['reason']}" for s in skipped[:3])
+        raise ValueError(f"{tiles_dir}: no tile can be placed on the map ({reasons})")
+    return tiles, skipped
+
+
+def _check_imagery(settings: Settings, plan, plan_id: str, aoi: shapely.Geometry, aoi_text: str,
+                   tiles: list[region_files.TileRef], tiles_dir: str | Path) -> None:
+    """NoImageryError (after marking every cell ``no_imagery``) when no tile overlaps the AOI."""
+    if any(shapely.intersection(t.footprint, aoi).area > 0 for t in tiles):
+        return
+    extent = shapely.union_all([t.footprint for t in tiles]).bounds
+    reason = (f"the AOI {aoi_text} (lon/lat bounds {tuple(round(v, 5) for v in aoi.bounds)}) holds no imagery: "
+              f"none of the {len(tiles)} tiles in {tiles_dir} (extent {tuple(round(v, 5) for v in extent)}) "
+              "overlaps it")
+    con = ducklake.connect(settings)
+    try:
+        ducklake.set_plan_status(con, settings, plan_id, "no_imagery", reason)
+    finally:
+        con.close()
+    raise NoImageryError(f"{reason}; the {plan.num_rows} cells of plan {plan_id} are marked no_imagery")
+
+
+@contextlib.contextmanager
+def _without_hamilton_banner():
+    """Drop the help banner Hamilton logs on every failed execute: a failed cell is expected and recorded."""
+    from hamilton import driver
+
+    def keep(record: logging.LogRecord) -> bool:
+        return record.getMessage() != driver.SLACK_ERROR_MESSAGE
+
+    logger = logging.getLogger(driver.__name__)
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
+def _run_cell(con, settings: Settings, plan_id: str, token: str, dag, inputs: dict, out: Path,
+              report: RegionReport) -> None:
+    """Process one cell and record its outcome in the plan and ``report``."""
+    ducklake.set_cell_status(con, settings, plan_id, token, "running")
+    try:
+        with _without_hamilton_banner():
+            result = dag.execute(list(CELL_OUTPUTS), inputs={**inputs, "cell_token": token,
+                                                              "predicted_at": dt.datetime.now(dt.timezone.utc)})
+        raster = region_files.write_probability_cog(result["cell_probability_raster"], out / "cells" /
+                                                    f"{token}.tif")
+    except region_inference.NoImageryError as exc:
+        ducklake.set_cell_status(con, settings, plan_id, token, "no_imagery", str(exc))
+        report.no_imagery.append({"cell_token": token, "reason": str(exc)})
+        return
+    except Exception as exc:  # a failing read / prediction must not stop the region: the plan keeps the reason
+        reason = f"{type(exc).__name__}: {exc}"
+        ducklake.set_cell_status(con, settings, plan_id, token, "failed", reason)
+        report.failed.append({"cell_token": token, "reason": reason})
+        return
+    report.new_detections += ducklake.replace_cell_predictions(con, settings, plan_id, token,
+                                                               result["prediction_rows"])
+    report.processed.append(token)
+    report.cell_rasters.append(str(raster))
+
+
+def infer_region(
+    settings: Settings,
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    tiles_dir: str | Path | None = None,
+    aoi: str | Path | shapely.Geometry | None = None,
+    plan_level: int = 14,
+    tile_px: int = 512,
+    overlap_px: int = 64,
+    pv_threshold: float = 0.5,
+    context_px: int = 128,
+    min_detection_px: int = 4,
+    progress: Callable[[int, int], None] | None = None,
+    model: Any = None,
+    device: str | None = None,
+) -> RegionReport:
+    """PV probabilities and detections for the tiles of ``tiles_dir`` (all of them, or the S2 cells of level
+    ``plan_level`` covering ``aoi``: a vector/WKT file, a bbox string or a shapely geometry, EPSG:4326).
+
+    ``progress(done, total)`` is called per cell. ``model`` overrides loading ``checkpoint`` (the checkpoint is
+    still the provenance). Raises ValueError / FileNotFoundError for unusable inputs, :class:`NoImageryError`
+    when no tile overlaps the AOI.
+    """
+    started = time.perf_counter()
+    tiles, tiles_skipped = _index_tiles(tiles_dir, aoi)
+    region = _region_aoi(aoi, tiles)
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"{checkpoint}: no such checkpoint")
+    plan_id = region_plan_id(tiles, region, plan_level, checkpoint,
+                             (tile_px, overlap_px, pv_threshold, context_px, min_detection_px))
+    plan = plan_grid(settings, plan_id, region, plan_level=plan_level, context_level=max(plan_level - 3, 0))
+    _check_imagery(settings, plan, plan_id, region, str(aoi), tiles, tiles_dir)
+    out = Path(out_dir)
+    report = RegionReport(plan_id, str(out), plan.num_rows, tiles_skipped=tiles_skipped)
+    counting = _CountingModel(model if model is not None else _load_model(checkpoint, device))
+    inputs = {"tile_index": tiles, "tile_reader": region_files.read_tile_window, "segmentation_model": counting,
+              "model_checkpoint": str(Path(checkpoint).resolve()), "plan_id": plan_id, "tile_px": tile_px,
+              "overlap_px": overlap_px, "pv_threshold": pv_threshold, "context_px": context_px,
+              "min_detection_px": min_detection_px}
+    dag = build_driver([region_inference])
+    con = ducklake.connect(settings)
+    try:
+        for done, row in enumerate(plan.to_pylist(), start=1):
+            if row["status"] == "running":
+                report.resumed.append(row["cell_token"])
+            if row["status"] in TODO_STATUSES:
+                _run_cell(con, settings, plan_id, row["cell_token"], dag, inputs, out, report)
+            elif row["status"] == "done":
+                report.skipped_done.append(row["cell_token"])
+            if progress:
+                progress(done, plan.num_rows)
+        rows = ducklake.read_predictions(con, settings, plan_id)
+    finally:
+        con.close()
+    parquet, gpkg = region_files.write_detections(rows, out)
+    report.detections, report.detections_parquet, report.detections_gpkg = rows.num_rows, str(parquet), str(gpkg)
+    report.chips, report.seconds = counting.calls, time.perf_counter() - started
+    return report

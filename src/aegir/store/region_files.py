@@ -1,0 +1,194 @@
+"""Region inference file I/O: the tile-folder index, per-tile window reads, AOI files, probability COGs and the
+detection files (GeoParquet + GeoPackage).
+
+A tile's grid comes from the file's own georeference (GeoTIFF, world file) or else from its name (the Jiang PV01
+and Google-static conventions of :mod:`aegir.utils.geo`); indexing opens only the file header, so a tile whose
+pixels are damaged is still placed and fails when a cell reads it. GeoTIFF tiles are read by window (only the
+pixels a cell needs); PNG/BMP tiles have no windowed read and are read whole (640² px for the Austin tiles).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import rasterio
+import shapely
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.warp import transform_bounds
+
+from aegir.store import image_files, mask_files
+from aegir.utils import geo
+from aegir.utils.types import Chip
+
+GEO_SUFFIXES = (".geojson", ".json", ".gpkg", ".parquet", ".geoparquet", ".shp", ".fgb")
+
+
+@dataclass(frozen=True)
+class TileRef:
+    """One tile of a region: ``path``; grid ``crs`` + ``transform`` (pixel corners) of ``width`` × ``height`` px;
+    ``footprint`` (shapely polygon, EPSG:4326); ``named`` when the grid comes from the file name."""
+
+    path: str
+    crs: CRS
+    transform: Affine
+    width: int
+    height: int
+    footprint: shapely.Geometry
+    named: bool
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        """(left, bottom, right, top) in ``crs`` units."""
+        return geo.grid_bounds(self.transform, self.width, self.height)
+
+
+def _raster_header(path: Path) -> tuple[CRS | None, Affine, int, int] | None:
+    """(crs or None, transform, width, height) from the file header; None when the header is unreadable."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        try:
+            with rasterio.open(path) as dataset:
+                return dataset.crs, dataset.transform, dataset.width, dataset.height
+        except RasterioIOError:
+            return None
+
+
+def _tile_ref(path: Path) -> TileRef:
+    """The tile's grid from its georeference, else from its name (ValueError naming the file when neither)."""
+    header = _raster_header(path)
+    if header is not None and header[0] is not None:
+        crs, transform, width, height = header
+        named = False
+    else:
+        size = header[2:] if header is not None else (None, None)
+        grid = geo.named_tile_grid(geo.parse_tile_name(path), *size)
+        crs, transform, width, height, named = grid.crs, grid.transform, grid.width, grid.height, True
+    footprint = geo.footprint_lonlat(crs, geo.grid_bounds(transform, width, height))
+    return TileRef(str(path), crs, transform, int(width), int(height), footprint, named)
+
+
+def tile_index(tiles_dir: str | Path) -> tuple[list[TileRef], list[dict]]:
+    """The placeable tiles of ``tiles_dir`` sorted by file name, and the others as {file, reason}.
+
+    Raises FileNotFoundError when the folder is missing or holds no image files.
+    """
+    tiles, skipped = [], []
+    for path in image_files.list_image_files(tiles_dir):
+        try:
+            tiles.append(_tile_ref(path))
+        except ValueError as exc:
+            skipped.append({"file": str(path), "reason": f"cannot place the tile: {exc}"})
+    return tiles, skipped
+
+
+def _clip_bounds(tile: TileRef, bounds: tuple[float, float, float, float], crs: CRS) -> tuple[float, ...]:
+    """``bounds`` (in ``crs``) cut to the tile's extent, in ``crs``."""
+    left, bottom, right, top = transform_bounds(tile.crs, crs, *tile.bounds, densify_pts=21)
+    return (max(bounds[0], left), max(bounds[1], bottom), min(bounds[2], right), min(bounds[3], top))
+
+
+def read_tile_window(tile: TileRef, bounds: tuple[float, float, float, float], crs: CRS) -> Chip:
+    """The part of ``tile`` inside ``bounds`` ((left, bottom, right, top) in ``crs``) as a Chip on the tile's grid.
+
+    GeoTIFFs: a windowed read of that part only. Named PNG/BMP tiles: the whole tile (no windowed read exists);
+    a tile whose pixels differ in size from its indexed grid is a ValueError naming the file.
+    """
+    from aegir.dataflows.vhr_loaders import RasterWindow, geotiff_chip, named_tile_chip
+
+    if not tile.named:
+        return geotiff_chip(tile.path, RasterWindow(crs, bounds=_clip_bounds(tile, bounds, crs)))
+    chip = named_tile_chip(tile.path)
+    if (chip.width, chip.height) != (tile.width, tile.height):
+        raise ValueError(f"{tile.path}: tile is {chip.width}x{chip.height} px, indexed as {tile.width}x{tile.height}")
+    return chip
+
+
+def _bbox_geometry(text: str) -> shapely.Geometry | None:
+    """A box from 'min_lon,min_lat,max_lon,max_lat' (commas or spaces), else None."""
+    parts = text.replace(",", " ").split()
+    try:
+        values = [float(v) for v in parts]
+    except ValueError:
+        return None
+    if len(values) != 4:
+        return None
+    min_lon, min_lat, max_lon, max_lat = values
+    if not (min_lon < max_lon and min_lat < max_lat):
+        raise ValueError(f"AOI bbox {text!r} must be min_lon,min_lat,max_lon,max_lat with min < max")
+    return shapely.box(min_lon, min_lat, max_lon, max_lat)
+
+
+def _aoi_from_text(text: str, source: str) -> shapely.Geometry:
+    geometry = _bbox_geometry(text)
+    if geometry is not None:
+        return geometry
+    try:
+        return shapely.from_wkt(text.strip())
+    except shapely.errors.GEOSException as exc:
+        raise ValueError(f"AOI {source}: neither a bbox (min_lon,min_lat,max_lon,max_lat) nor WKT ({exc})") from exc
+
+
+def _aoi_from_vector_file(path: Path) -> shapely.Geometry:
+    frame = mask_files.read_vector_file(path, "an AOI")
+    if frame.empty:
+        raise ValueError(f"AOI {path}: the file holds no geometry")
+    if frame.crs is None:
+        raise ValueError(f"AOI {path}: the file has no CRS")
+    return shapely.union_all(frame.to_crs(4326).geometry.values)
+
+
+def read_aoi(aoi: str | Path) -> shapely.Geometry:
+    """An AOI in EPSG:4326 from a vector file (GeoJSON, GeoPackage, GeoParquet, …; any CRS), a text file holding
+    WKT (lon/lat) or a bbox, or a bbox string 'min_lon,min_lat,max_lon,max_lat'."""
+    path = Path(aoi)
+    if path.is_file():
+        geometry = (_aoi_from_vector_file(path) if path.suffix.lower() in GEO_SUFFIXES
+                    else _aoi_from_text(path.read_text(), str(path)))
+    elif (geometry := _bbox_geometry(str(aoi))) is None:
+        raise FileNotFoundError(f"AOI {aoi}: no such file, and not a bbox min_lon,min_lat,max_lon,max_lat")
+    if geometry.is_empty:
+        raise ValueError(f"AOI {aoi}: the geometry is empty")
+    min_lon, min_lat, max_lon, max_lat = geometry.bounds
+    if min_lon < -180 or max_lon > 180 or min_lat < -90 or max_lat > 90:
+        raise ValueError(f"AOI {aoi}: bounds {geometry.bounds} are not lon/lat degrees (EPSG:4326)")
+    return shapely.make_valid(geometry)
+
+
+def write_probability_cog(raster: Chip, path: str | Path) -> Path:
+    """A (1, H, W) uint8 probability Chip (0–255 ≙ 0–1) → Cloud-Optimized GeoTIFF (deflate, 256² blocks,
+    averaged overviews, per-dataset mask = ``valid``). Written to a temporary name, then renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    height, width = raster.pixels.shape[1:]
+    with rasterio.open(partial, "w", driver="COG", width=width, height=height, count=1, dtype="uint8",
+                       crs=raster.crs, transform=raster.transform, compress="deflate", blocksize=256,
+                       overview_resampling="average") as dst:
+        dst.write(raster.pixels[0], 1)
+        dst.write_mask(np.ones((height, width), bool) if raster.valid is None else raster.valid)
+        dst.update_tags(1, description="PV probability x 255")
+    os.replace(partial, path)
+    return path
+
+
+def write_detections(rows: pa.Table, out_dir: str | Path, stem: str = "detections") -> tuple[Path, Path]:
+    """``predicted_pv`` rows (``geometry_wkb`` EPSG:4326) → ``OUT/<stem>.parquet`` (GeoParquet) and
+    ``OUT/<stem>.gpkg`` (GeoPackage); both replaced whole."""
+    import geopandas as gpd
+
+    frame = rows.to_pandas() if rows.num_rows or rows.num_columns else None
+    if frame is None or "geometry_wkb" not in frame.columns:
+        detections = gpd.GeoDataFrame({"cell_token": []}, geometry=gpd.GeoSeries([], crs=4326))
+    else:
+        geometry = gpd.GeoSeries(shapely.from_wkb(frame.pop("geometry_wkb").to_numpy()), crs=4326)
+        detections = gpd.GeoDataFrame(frame, geometry=geometry, crs=4326)
+    out = Path(out_dir)
+    return (mask_files.write_polygons(detections, out / f"{stem}.parquet"),
+            mask_files.write_polygons(detections, out / f"{stem}.gpkg"))

@@ -1,0 +1,134 @@
+"""Training configuration: one flat, JSON-able dataclass, read from TOML / JSON / YAML and stored in checkpoints.
+
+No torch here, so the CLI can parse a config without importing the training stack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ARCHITECTURES = ("unet", "fpn", "deeplabv3plus", "unetplusplus", "linknet", "pspnet", "manet", "pan", "segformer")
+INPUTS = ("vhr", "msi", "vhr+msi")
+
+
+class TrainConfigError(ValueError):
+    """A training config file or value that cannot be used."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs besides the table location; defaults are the CPU quality recipe.
+
+    Splits: every row goes to train / val / test by a deterministic hash of its S2 cell at ``split_level``
+    (parent of the row's level-17 token), so the three splits never share a cell. Level 15 (~300 m cells) gives
+    the 60 Jiang PV01 tiles 40 / 10 / 10 rows (level 13 has only 9 cells, one holding 21 tiles).
+    """
+
+    # model
+    arch: str = "unet"
+    encoder: str = "resnet18"
+    encoder_weights: str | None = None  # None (random init, offline) or a local state-dict file for the encoder
+    inputs: str = "vhr"  # vhr (RGB), msi (Sentinel-2 bands, upsampled to the chip grid), vhr+msi (stacked)
+    # optimisation
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 2
+    max_epochs: int = 60
+    max_minutes: float | None = None  # wall-clock cap on fitting (Lightning max_time); best.ckpt is kept
+    batch_size: int = 8
+    epoch_repeats: int = 1  # passes over the train split per epoch (tiny tables: fewer validation rounds)
+    dice_weight: float = 1.0
+    bce_weight: float = 1.0
+    augment: bool = True  # flips + rot90, identical on image and mask
+    crop_size: int | None = None  # train on random square crops of this many pixels (None: whole chips)
+    seed: int = 0
+    # data
+    split_level: int = 15
+    val_fraction: float = 0.2
+    test_fraction: float = 0.15
+    split_salt: str = ""
+    dataset_version: int | None = None  # None: the table's current version (recorded in the checkpoint)
+    filter_dataset: list[str] = field(default_factory=list)
+    filter_s2_prefix: str | None = None  # S2 token of any level <= 17: rows inside that cell
+    filter_date_from: str | None = None  # metadata.acquired_at >= (ISO date/time, UTC)
+    filter_date_to: str | None = None  # metadata.acquired_at < next day of this date (inclusive date)
+    filter_mask_source: list[str] = field(default_factory=list)  # e.g. ground_truth, sam, lakehouse_labels
+    filter_provenance_backend: list[str] = field(default_factory=list)
+    stats_max_rows: int = 2048  # rows of the train split used for the per-band mean / std
+    num_workers: int = 0
+    shuffle_buffer: int = 256
+    # trainer
+    accelerator: str = "auto"
+    devices: str | int = "auto"
+    precision: str = "32-true"
+    limit_train_batches: int | float | None = None
+    limit_val_batches: int | float | None = None
+    log_every_n_steps: int = 5
+    progress_bar: bool = True
+    wandb: bool = True
+    wandb_project: str = "aegir"
+    tensorboard: bool = False
+    threads: int | None = None  # torch.set_num_threads; None leaves torch's default
+
+    def __post_init__(self) -> None:
+        if self.arch.lower() not in ARCHITECTURES:
+            raise TrainConfigError(f"arch {self.arch!r} is not one of {', '.join(ARCHITECTURES)}")
+        if self.inputs not in INPUTS:
+            raise TrainConfigError(f"inputs {self.inputs!r} is not one of {', '.join(INPUTS)}")
+        if not 1 <= int(self.split_level) <= 17:
+            raise TrainConfigError(f"split_level must be 1..17, got {self.split_level}")
+        if not (0 <= self.val_fraction and 0 <= self.test_fraction and self.val_fraction + self.test_fraction < 1):
+            raise TrainConfigError("val_fraction and test_fraction must be >= 0 and sum to < 1")
+        if self.crop_size is not None and self.crop_size < 32:
+            raise TrainConfigError(f"crop_size must be >= 32 pixels (or unset), got {self.crop_size}")
+        if self.batch_size < 1 or self.max_epochs < 1 or self.epoch_repeats < 1:
+            raise TrainConfigError("batch_size, max_epochs and epoch_repeats must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise TrainConfigError(f"unknown training config key(s): {', '.join(unknown)}")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def load_train_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
+    """Defaults < file (TOML with an optional ``[train]`` table, JSON, or YAML) < ``overrides`` that are not None."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise TrainConfigError(f"{path}: no such training config file")
+        text = path.read_text()
+        try:
+            if path.suffix.lower() == ".json":
+                values = json.loads(text)
+            elif path.suffix.lower() in (".yaml", ".yml"):
+                import yaml
+
+                values = yaml.safe_load(text) or {}
+            else:
+                values = tomllib.loads(text)
+        except Exception as exc:  # noqa: BLE001 - any parse error names the file
+            raise TrainConfigError(f"{path}: cannot parse training config ({exc})") from exc
+        if isinstance(values.get("train"), dict):
+            values = values["train"]
+        if not isinstance(values, dict):
+            raise TrainConfigError(f"{path}: a training config must be a table of key = value")
+    try:
+        config = TrainConfig.from_dict(values)
+    except TypeError as exc:
+        raise TrainConfigError(str(exc)) from exc
+    return config.replace(**overrides)

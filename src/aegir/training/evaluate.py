@@ -1,0 +1,100 @@
+"""``aegir predict`` / ``aegir evaluate``: a trained checkpoint over a folder of image files.
+
+Images (BMP / PNG / JPEG / GeoTIFF) are read as chips by :func:`aegir.store.mask_files.read_image_chip` and fed
+to the model as uint8 RGB (:meth:`Chip.rgb8`). Masks are written as ``OUT/<stem>.png`` (one band, uint8 0/255,
+the image's size) and, when the input file carries a georeference (GeoTIFF tags, world file, .aux.xml), also as
+``OUT/geotiff/<stem>.tif`` on the input's grid and CRS — the same layout as ``aegir masks generate``.
+
+Metrics: :mod:`aegir.utils.mask_metrics` (``mean_iou`` over images, ``pixel_iou`` / ``f1`` / ``precision`` /
+``recall`` over all pixels).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from aegir.store import image_files, mask_files
+from aegir.utils.mask_metrics import mask_set_metrics
+from aegir.utils.types import Chip
+
+
+def load_rgb_model(checkpoint: str | Path, device: str | None = None):
+    """A :class:`~aegir.training.litmodule.SegmentationModel` that takes RGB chips (clear error otherwise)."""
+    from aegir.training.litmodule import load_segmentation_model
+
+    model = load_segmentation_model(str(checkpoint), device)
+    if model.config.get("inputs", "vhr") != "vhr" or model.in_channels != 3:
+        raise ValueError(f"{checkpoint}: the model takes {model.config.get('inputs')} inputs "
+                         f"({model.in_channels} bands); predicting on image files needs a VHR (RGB) model")
+    return model
+
+
+def chip_probability(model, chip: Chip) -> np.ndarray:
+    """(H, W) float32 PV probability of an image chip."""
+    return model.predict_proba(chip.rgb8())
+
+
+def _chips(images_dir: str | Path, skipped: list[dict], stems: set[str] | None = None) -> Iterator[tuple[Path, Chip]]:
+    for path in image_files.list_image_files(images_dir):
+        if stems is not None and path.stem not in stems:
+            continue
+        try:
+            yield path, mask_files.read_image_chip(path)
+        except (ValueError, OSError) as exc:
+            skipped.append({"file": str(path), "reason": str(exc)})
+
+
+def predict_folder(checkpoint: str | Path, images_dir: str | Path, out_dir: str | Path,
+                   threshold: float = 0.5, device: str | None = None, progress=None) -> dict:
+    """Write ``OUT/<stem>.png`` (and ``OUT/geotiff/<stem>.tif`` for georeferenced inputs) for every image.
+
+    Returns ``{"out_dir", "written": {stem: png path}, "geotiff": {stem: tif path}, "skipped": [{file, reason}]}``;
+    ``progress(n)`` is called after each image."""
+    model = load_rgb_model(checkpoint, device)
+    out = Path(out_dir)
+    written, geotiffs, skipped = {}, {}, []
+    for path, chip in _chips(images_dir, skipped):
+        try:
+            mask = chip_probability(model, chip) >= threshold
+        except ValueError as exc:
+            skipped.append({"file": str(path), "reason": str(exc)})
+            continue
+        written[path.stem] = str(mask_files.write_mask_png(mask, out / f"{path.stem}.png"))
+        if chip.georeferenced and chip.extras.get("grid_convention") == "file":
+            geotiffs[path.stem] = str(mask_files.write_mask_geotiff(mask, chip, out / "geotiff" / f"{path.stem}.tif"))
+        if progress:
+            progress(1)
+    return {"out_dir": str(out), "written": written, "geotiff": geotiffs, "skipped": skipped}
+
+
+def evaluate_folder(checkpoint: str | Path, images_dir: str | Path, masks_dir: str | Path,
+                    stems: Iterable[str] | None = None, threshold: float = 0.5, device: str | None = None,
+                    model=None) -> dict:
+    """Predict every image that has a mask (matched by stem; only ``stems`` when given) and score it."""
+    model = model or load_rgb_model(checkpoint, device)
+    masks = image_files.mask_files_by_stem(masks_dir)
+    problems: list[dict] = []
+    unmatched: list[str] = []
+
+    def pairs():
+        for path, chip in _chips(images_dir, problems, set(stems) if stems is not None else None):
+            if path.stem not in masks:
+                unmatched.append(path.stem)
+                continue
+            try:
+                truth = image_files.read_mask(masks[path.stem]) > 0
+                proba = chip_probability(model, chip)
+            except (ValueError, OSError) as exc:
+                problems.append({"file": str(path), "reason": str(exc)})
+                continue
+            if truth.shape != proba.shape:
+                problems.append({"file": str(path), "reason": f"mask is {truth.shape}, image is {proba.shape}"})
+                continue
+            yield path.stem, proba >= threshold, truth
+
+    result = mask_set_metrics(pairs())
+    return result | {"unmatched_images": unmatched, "problems": problems, "checkpoint": str(checkpoint),
+                     "data_version": model.data_version, "dataset_uri": model.dataset_uri}

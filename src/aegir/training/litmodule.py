@@ -1,0 +1,301 @@
+"""LightningModule over segmentation_models_pytorch, checkpoints loadable with ``torch.load(weights_only=True)``,
+and :func:`load_segmentation_model` for the other stages.
+
+The network normalises its own input (per-band mean / std of the train split are buffers), so every caller hands
+it raw pixels (uint8 RGB, or float MSI reflectance) exactly as they sit in ``training_data``.
+
+``best.ckpt`` is written by :class:`BestCheckpoint` (not Lightning's ModelCheckpoint, whose files carry optimizer
+and callback state that needs pickle): ``{"format", "state_dict" (tensors), "config" (JSON-able dict),
+"data_version", "dataset_uri", "band_stats", "split", "metrics", "epoch"}``, only tensors and plain
+str/int/float/bool/None/list/dict.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import BinaryF1Score, BinaryJaccardIndex, BinaryPrecision, BinaryRecall
+
+from aegir.training.config import TrainConfig
+
+CHECKPOINT_FORMAT = "aegir-segmentation/1"
+
+
+def _smp():
+    import segmentation_models_pytorch as smp
+
+    return smp
+
+
+def build_network(arch: str, encoder: str, in_channels: int, encoder_weights: str | None = None) -> nn.Module:
+    """An smp network with one output channel (PV logit), randomly initialised (no download), and the encoder
+    loaded from a local state-dict file when ``encoder_weights`` is a path."""
+    smp = _smp()
+    net = smp.create_model(arch, encoder_name=encoder, encoder_weights=None, in_channels=in_channels, classes=1)
+    if encoder_weights:
+        path = Path(encoder_weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"encoder_weights {encoder_weights}: no such file (only local weights are used)")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        state = {k.removeprefix("encoder."): v for k, v in state.items()}
+        missing, unexpected = net.encoder.load_state_dict(state, strict=False)
+        if len(missing) == len(net.encoder.state_dict()):
+            raise ValueError(f"encoder_weights {encoder_weights}: no tensor matches encoder {encoder}")
+    return net
+
+
+class SegmentationNet(nn.Module):
+    """Normalisation (buffers) + smp network; input raw pixels (B, C, H, W), output logits (B, 1, H, W)."""
+
+    def __init__(self, arch: str, encoder: str, band_mean: list[float], band_std: list[float],
+                 encoder_weights: str | None = None) -> None:
+        super().__init__()
+        self.register_buffer("band_mean", torch.tensor(band_mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("band_std", torch.tensor(band_std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.net = build_network(arch, encoder, len(band_mean), encoder_weights)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.net((image.float() - self.band_mean) / self.band_std)
+
+
+class SegmentationLitModule(L.LightningModule):
+    """Dice + BCE on PV logits; pixel IoU / F1 / precision / recall per epoch (torchmetrics) plus mean per-image
+    IoU; AdamW with linear warm-up then cosine decay (per epoch)."""
+
+    def __init__(self, config: TrainConfig, band_stats: dict[str, list[float]]) -> None:
+        super().__init__()
+        self.config = config
+        self.band_stats = band_stats
+        self.model = SegmentationNet(config.arch, config.encoder, band_stats["mean"], band_stats["std"],
+                                     config.encoder_weights)
+        smp = _smp()
+        self.dice = smp.losses.DiceLoss(mode="binary", from_logits=True)
+        self.bce = nn.BCEWithLogitsLoss()
+        metrics = MetricCollection({"iou": BinaryJaccardIndex(), "f1": BinaryF1Score(),
+                                    "precision": BinaryPrecision(), "recall": BinaryRecall()})
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+        self._image_ious: dict[str, list[float]] = {"val": [], "test": []}
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.model(image)
+
+    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        logits = self(batch["image"])[:, 0]
+        target = batch["mask"].float()
+        loss = self.config.dice_weight * self.dice(logits[:, None], target[:, None]) + \
+            self.config.bce_weight * self.bce(logits, target)
+        pred = logits.detach() > 0
+        metrics = {"train": self.train_metrics, "val": self.val_metrics, "test": self.test_metrics}[stage]
+        metrics.update(pred.long(), batch["mask"].long())
+        if stage != "train":
+            truth = batch["mask"] > 0
+            inter = (pred & truth).flatten(1).sum(1).float()
+            union = (pred | truth).flatten(1).sum(1).float()
+            ious = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+            self._image_ious[stage] += ious.tolist()
+        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True,
+                 batch_size=batch["image"].shape[0])
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, "test")
+
+    def _epoch_end(self, stage: str) -> None:
+        metrics = {"train": self.train_metrics, "val": self.val_metrics, "test": self.test_metrics}[stage]
+        if any(m.update_called for m in metrics.values()):
+            self.log_dict(metrics.compute(), prog_bar=stage != "train")
+        metrics.reset()
+        if stage != "train":
+            ious = self._image_ious[stage]
+            if ious:
+                self.log(f"{stage}/mean_iou", float(np.mean(ious)), prog_bar=True)
+            self._image_ious[stage] = []
+
+    def on_train_epoch_end(self) -> None:
+        self._epoch_end("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._epoch_end("test")
+
+    def on_train_start(self) -> None:
+        self._fit_started = time.monotonic()
+
+    def schedule_progress(self, epoch: int) -> float:
+        """Fraction of training done at the start of ``epoch``: by epochs, or by wall clock when ``max_minutes``
+        is set and time runs out first (so the cosine decay ends by the time cap on any machine)."""
+        cfg = self.config
+        progress = epoch / max(1, cfg.max_epochs)
+        started = getattr(self, "_fit_started", None)
+        if cfg.max_minutes and started is not None:
+            progress = max(progress, (time.monotonic() - started) / (60 * cfg.max_minutes))
+        return min(1.0, progress)
+
+    def configure_optimizers(self):
+        cfg = self.config
+        optimizer = torch.optim.AdamW(self.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        warmup = max(0, cfg.warmup_epochs)
+
+        def factor(epoch: int) -> float:
+            """Linear warm-up over ``warmup_epochs``, then cosine from 1 to 0.01 over the remaining progress."""
+            if epoch < warmup:
+                return (epoch + 1) / (warmup + 1)
+            start = warmup / max(1, cfg.max_epochs)
+            progress = (self.schedule_progress(epoch) - start) / max(1e-9, 1 - start)
+            return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, progress))))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------------
+
+
+def checkpoint_payload(module: SegmentationLitModule, data_version: int, dataset_uri: str,
+                       split: dict | None, metrics: dict[str, float], epoch: int) -> dict[str, Any]:
+    """A checkpoint made of tensors and plain JSON-able values only (``torch.load(weights_only=True)`` reads it)."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "state_dict": {k: v.detach().cpu().clone() for k, v in module.model.state_dict().items()},
+        "config": module.config.to_dict(),
+        "data_version": int(data_version),
+        "dataset_uri": str(dataset_uri),
+        "band_stats": {"mean": [float(v) for v in module.band_stats["mean"]],
+                       "std": [float(v) for v in module.band_stats["std"]]},
+        "split": split,
+        "metrics": {k: float(v) for k, v in metrics.items()},
+        "epoch": int(epoch),
+    }
+
+
+class BestCheckpoint(L.Callback):
+    """Writes ``dirpath/best.ckpt`` whenever ``monitor`` (higher is better) improves, and ``last.ckpt`` (same
+    format) after every validation; without validation batches the train metric decides."""
+
+    def __init__(self, dirpath: str | Path, data_version: int, dataset_uri: str, split: dict | None,
+                 monitor: str = "val/iou") -> None:
+        self.dirpath = Path(dirpath)
+        self.data_version, self.dataset_uri, self.split = data_version, dataset_uri, split
+        self.monitor = monitor
+        self.best_score = -math.inf
+        self.best_metrics: dict[str, float] = {}
+
+    def _save(self, trainer: L.Trainer, module: SegmentationLitModule, name: str) -> None:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
+        payload = checkpoint_payload(module, self.data_version, self.dataset_uri, self.split, metrics,
+                                     trainer.current_epoch)
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        tmp = self.dirpath / f".{name}.tmp"
+        torch.save(payload, tmp)
+        tmp.replace(self.dirpath / name)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: SegmentationLitModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+        key = self.monitor if self.monitor in metrics else "train/iou"
+        if key not in metrics:
+            return
+        score = float(metrics[key])
+        if math.isnan(score):
+            return
+        self._save(trainer, module, "last.ckpt")
+        if score > self.best_score:
+            self.best_score = score
+            self.best_metrics = {k: float(v) for k, v in metrics.items() if torch.as_tensor(v).numel() == 1}
+            self._save(trainer, module, "best.ckpt")
+
+
+# ---- loading for inference ---------------------------------------------------------------------------------
+
+
+class SegmentationModel:
+    """A trained network for the other stages: ``predict_proba((C, H, W) chip) -> (H, W) float32`` in [0, 1].
+
+    Pads to the network's stride multiple internally (reflect); images larger than ``tile`` pixels are predicted
+    in overlapping tiles (averaged). ``config`` (dict), ``data_version``, ``band_stats``, ``metrics``.
+    """
+
+    def __init__(self, payload: dict[str, Any], device: str | torch.device = "cpu", tile: int = 1024) -> None:
+        self.config: dict[str, Any] = payload["config"]
+        self.data_version: int = int(payload["data_version"])
+        self.dataset_uri: str = payload.get("dataset_uri", "")
+        self.band_stats: dict[str, list[float]] = payload["band_stats"]
+        self.metrics: dict[str, float] = payload.get("metrics", {})
+        self.split: dict | None = payload.get("split")
+        self.device = torch.device(device)
+        self.tile = tile
+        self.net = SegmentationNet(self.config["arch"], self.config["encoder"], self.band_stats["mean"],
+                                   self.band_stats["std"])
+        self.net.load_state_dict(payload["state_dict"])
+        self.net.eval().to(self.device)
+        self.stride = 32
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.band_stats["mean"])
+
+    @torch.no_grad()
+    def _predict_padded(self, image: torch.Tensor) -> torch.Tensor:
+        h, w = image.shape[-2:]
+        ph, pw = (-h) % self.stride, (-w) % self.stride
+        if ph or pw:
+            mode = "reflect" if ph < h and pw < w else "replicate"
+            image = torch.nn.functional.pad(image, (0, pw, 0, ph), mode=mode)
+        return torch.sigmoid(self.net(image))[0, 0, :h, :w]
+
+    @torch.no_grad()
+    def predict_proba(self, image: np.ndarray) -> np.ndarray:
+        """(H, W) float32 PV probability of a (C, H, W) chip (uint8 for VHR inputs)."""
+        if image.ndim != 3 or image.shape[0] != self.in_channels:
+            raise ValueError(f"expected a ({self.in_channels}, H, W) chip, got shape {image.shape}")
+        x = torch.from_numpy(np.ascontiguousarray(image)).float()[None].to(self.device)
+        h, w = x.shape[-2:]
+        if max(h, w) <= self.tile:
+            return self._predict_padded(x).float().cpu().numpy()
+        step, overlap = self.tile - 128, 128
+        total = torch.zeros((h, w), device=self.device)
+        weight = torch.zeros((h, w), device=self.device)
+        for top in list(range(0, max(1, h - overlap), step)):
+            for left in list(range(0, max(1, w - overlap), step)):
+                bottom, right = min(h, top + self.tile), min(w, left + self.tile)
+                t0, l0 = max(0, bottom - self.tile), max(0, right - self.tile)
+                total[t0:bottom, l0:right] += self._predict_padded(x[..., t0:bottom, l0:right])
+                weight[t0:bottom, l0:right] += 1
+        return (total / weight.clamp(min=1)).float().cpu().numpy()
+
+
+def read_checkpoint(checkpoint_path: str | Path) -> dict[str, Any]:
+    """The checkpoint payload, read with ``weights_only=True`` (no arbitrary pickle)."""
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{checkpoint_path}: no such checkpoint")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{checkpoint_path}: not an aegir segmentation checkpoint ({CHECKPOINT_FORMAT})")
+    return payload
+
+
+def load_segmentation_model(checkpoint_path: str, device: str | None = None) -> SegmentationModel:
+    """A :class:`SegmentationModel` from ``best.ckpt`` (CUDA when available unless ``device`` says otherwise)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return SegmentationModel(read_checkpoint(checkpoint_path), device=device)

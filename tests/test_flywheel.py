@@ -1,0 +1,92 @@
+"""The flywheel on the real shared data (Jiang PV01 seed, 2 Austin tiles as the region), two short rounds:
+per-round table, new Lance versions per round, backfill provenance, and resume without redoing steps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from aegir.cli import app
+from aegir.pipelines.flywheel import STEPS, FlywheelConfig, run_flywheel
+from aegir.store import lance_io
+
+from conftest import SHARED_DATA, make_settings
+
+AUSTIN = SHARED_DATA / "vhr" / "nrel_panel_segmentation" / "sol-searcher_data_examples"
+
+
+@pytest.fixture(scope="module")
+def flywheel_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flywheel")
+    tiles = root / "tiles"
+    tiles.mkdir()
+    for path in sorted(AUSTIN.glob("*.png"))[:2]:
+        (tiles / path.name).symlink_to(path)
+    settings = make_settings(root)
+    config = FlywheelConfig(region_tiles=str(tiles), train_max_epochs=1, train_max_minutes=1.0,
+                            import_labels=False, max_hard_negatives=8,
+                            train_overrides={"limit_train_batches": 2, "limit_val_batches": 2, "threads": 2})
+    calls: list[tuple[int, str, bool]] = []
+    table = run_flywheel(settings, root / "out", 2, config, on_step=lambda r, s, res, skipped: calls.append(
+        (r, s, skipped)))
+    return settings, root, config, table, calls
+
+
+def test_two_rounds_write_the_per_round_table(flywheel_run):
+    settings, root, _, table, calls = flywheel_run
+    assert [row["round"] for row in table] == [1, 2]
+    assert calls == [(r, s, False) for r in (1, 2) for s in STEPS]
+    saved = json.loads((root / "out" / "flywheel_rounds.json").read_text())
+    assert saved == table and (root / "out" / "flywheel_rounds.csv").is_file()
+    first, second = table
+    assert first["rows"] == 60 and first["masks_by_source"] == {"ground_truth": 60}
+    assert first["detections"] == first["accepted"] + first["rejected"] + first["needs_review"]
+    # round 2 trains on what round 1 backfilled: a later Lance version with more rows
+    assert second["data_version"] == first["version_after_backfill"] > first["data_version"]
+    assert second["rows"] == 60 + first["backfilled"] + first["hard_negatives"]
+    assert 0 <= second["val_iou"] <= 1
+
+
+def test_backfilled_rows_carry_round_and_source_detection(flywheel_run):
+    settings, root, _, table, _ = flywheel_run
+    lance_table = lance_io.open_training_table(str(Path(settings.lancedb_root) / "training_data"),
+                                               settings.lancedb_root, create=False)
+    rows = [r for r in lance_table.to_arrow().to_pylist() if r["metadata"]["dataset"] == "flywheel_backfill"]
+    assert len(rows) == sum(row["backfilled"] + row["hard_negatives"] for row in table)
+    decisions = {}
+    for k in (1, 2):
+        import pyarrow.parquet as pq
+
+        for d in pq.read_table(root / "out" / f"round_{k}" / "validation.parquet").to_pylist():
+            decisions[d["detection_id"]] = d["decision"]
+    for row in rows:
+        provenance = row["metadata"]["provenance"]
+        assert provenance["round"] in (1, 2) and provenance["source_detection"] == row["metadata"]["sample_id"]
+        expected = {"flywheel:model": "accept", "hard_negative": "reject"}[row["metadata"]["mask_source"]]
+        assert decisions[provenance["source_detection"]] == expected
+        if row["metadata"]["mask_source"] == "hard_negative":
+            assert not any(row["generated_mask"])
+
+
+def test_rerun_resumes_without_redoing_finished_steps(flywheel_run):
+    settings, root, config, table, _ = flywheel_run
+    state_path = root / "out" / "flywheel_state.json"
+    state = json.loads(state_path.read_text())
+    del state["rounds"]["2"]["validate"], state["rounds"]["2"]["backfill"]  # as if killed after round 2's infer
+    state_path.write_text(json.dumps(state))
+    calls = []
+    again = run_flywheel(settings, root / "out", 2, config,
+                         on_step=lambda r, s, res, skipped: calls.append((r, s, skipped)))
+    redone = [(r, s) for r, s, skipped in calls if not skipped]
+    assert redone == [(2, "validate"), (2, "backfill")]
+    assert [row["detections"] for row in again] == [row["detections"] for row in table]
+
+
+def test_cli_flywheel_rejects_a_bad_config(tmp_path):
+    bad = tmp_path / "fw.toml"
+    bad.write_text("[flywheel]\nrounds_per_day = 3\n")
+    result = CliRunner().invoke(app, ["flywheel", "--rounds", "1", "--out", str(tmp_path / "o"), "--config", str(bad)])
+    assert result.exit_code == 1 and "rounds_per_day" in result.output

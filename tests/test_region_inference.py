@@ -1,0 +1,300 @@
+"""Regional tiled inference on the real Austin tiles (NREL / Google-static z19, georeferenced from their names).
+
+End to end through the CLI with a tiny trained checkpoint over all 45 tiles (valid GeoParquet / GeoPackage in
+EPSG:4326 inside the tiles, probability COGs, ``predicted_pv`` rows, a re-run that adds nothing). Stub models with a fixed,
+real pattern (dark pixels; a fixed random conv net) check polygonisation, the one-cell-per-detection rule, seam-free
+probabilities across cell borders, a corrupt tile, an interrupted run and an AOI without imagery, quickly.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+import shapely
+import torch
+from typer.testing import CliRunner
+
+from aegir import pipelines
+from aegir.cli import app
+from aegir.dataflows import region_inference
+from aegir.pipelines.region import NoImageryError, infer_region
+from aegir.store import ducklake, region_files
+from aegir.utils import s2geometry
+
+from conftest import SHARED_DATA, make_settings
+from test_inference_blending import _conv_model
+from test_prompts_and_cli import _env
+
+AUSTIN = SHARED_DATA / "vhr" / "nrel_panel_segmentation" / "sol-searcher_data_examples"
+COLUMNS = ("detection_id", "plan_id", "cell_token", "area_m2", "score", "pixel_count", "centroid_lon",
+           "centroid_lat", "model_checkpoint", "model_data_version", "dataset_uri", "pv_threshold", "predicted_at")
+NAME_ROUNDING_DEG = 2e-6  # tiles are placed on the common grid to the nearest pixel (≤ 0.15 m ≈ 1.4e-6°)
+runner = CliRunner()
+
+
+def _tiles_dir(dest: Path, rows: int = 2, cols: int = 2) -> Path:
+    """A folder of links to a ``rows`` × ``cols`` block of neighbouring Austin tiles (names are lat_lon.png)."""
+    names = sorted(p.name for p in AUSTIN.glob("*.png"))
+    lats = sorted({n.split("_")[0] for n in names}, key=float)
+    lons = sorted({n.split("_")[1].removesuffix(".png") for n in names}, key=float)
+    dest.mkdir(parents=True)
+    for lat in lats[:rows]:
+        for lon in lons[:cols]:
+            (dest / f"{lat}_{lon}.png").symlink_to(AUSTIN / f"{lat}_{lon}.png")
+    return dest
+
+
+class DarkRoofs:
+    """Stub model with a fixed, real pattern: probability 0.9 on dark pixels (mean RGB < 60), else 0.05."""
+
+    data_version, dataset_uri = 0, "stub://dark-roofs"
+
+    def predict_proba(self, image: np.ndarray) -> np.ndarray:
+        return np.where(image.mean(axis=0) < 60, 0.9, 0.05).astype(np.float32)
+
+
+class ConvNet(DarkRoofs):
+    """A fixed random fully-convolutional net (receptive field 9 px, zero padding), as in the blending seam test."""
+
+    def __init__(self) -> None:
+        self.net = _conv_model()
+
+    def predict_proba(self, image: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return self.net(torch.from_numpy(image.astype(np.float32) / 255.0)[None])[0, 0].numpy()
+
+
+def _stub_checkpoint(tmp_path: Path) -> Path:
+    path = tmp_path / "stub.ckpt"  # provenance only: the stub models are passed in
+    path.write_bytes(b"stub")
+    return path
+
+
+def _lake_rows(settings, plan_id: str) -> int:
+    con = ducklake.connect(settings)
+    try:
+        return ducklake.read_predictions(con, settings, plan_id).num_rows
+    finally:
+        con.close()
+
+
+def _plan_status(settings, plan_id: str) -> dict[str, tuple[str, str | None]]:
+    con = ducklake.connect(settings)
+    try:
+        plan = ducklake.read_grid_plan(con, settings, plan_id)
+    finally:
+        con.close()
+    return {r["cell_token"]: (r["status"], r["message"]) for r in plan.to_pylist()}
+
+
+@pytest.fixture(scope="module")
+def region_run(trained, tmp_path_factory):
+    """``aegir infer region`` over all 45 Austin tiles (8 level-14 cells) with the tiny checkpoint:
+    (settings, tiles, out, args, report)."""
+    run_dir, _ = trained
+    root = tmp_path_factory.mktemp("region")
+    settings = make_settings(root)
+    tiles = AUSTIN
+    args = ["infer", "region", "--tiles", str(tiles), "--checkpoint", str(run_dir / "best.ckpt"), "--out",
+            str(root / "out"), "--device", "cpu", "--json"]
+    result = runner.invoke(app, args, env=_env(settings))
+    assert result.exit_code == 0, result.output
+    return settings, tiles, root / "out", args, json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_region_writes_geoparquet_and_gpkg_in_4326_inside_the_tiles(region_run, trained):
+    settings, tiles, out, _, report = region_run
+    parquet, gpkg = gpd.read_parquet(out / "detections.parquet"), gpd.read_file(out / "detections.gpkg")
+    assert parquet.crs.to_epsg() == gpkg.crs.to_epsg() == 4326
+    assert len(parquet) == len(gpkg) == report["detections"] == report["new_detections"]
+    assert set(COLUMNS) <= set(parquet.columns) and set(COLUMNS) <= set(gpkg.columns)
+    footprint = shapely.union_all([t.footprint for t in region_files.tile_index(tiles)[0]])
+    assert parquet.geometry.is_valid.all()
+    assert parquet.geometry.covered_by(footprint.buffer(NAME_ROUNDING_DEG)).all()
+    assert (parquet["model_checkpoint"] == str((trained[0] / "best.ckpt").resolve())).all()
+    assert (parquet["model_data_version"] == trained[1]["data_version"]).all()
+    assert (parquet["area_m2"] > 0).all() and parquet["score"].between(0.5, 1).all()
+    assert _lake_rows(settings, report["plan_id"]) == len(parquet)
+    assert report["failed"] == [] and len(report["processed"]) == report["cells"] > 1 and report["chips"] > 0
+    for token in report["processed"]:
+        with rasterio.open(out / "cells" / f"{token}.tif") as cog:
+            assert cog.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG" and cog.dtypes == ("uint8",)
+            assert cog.crs.to_epsg() == 3857 and cog.block_shapes == [(256, 256)]
+            assert max(cog.width, cog.height) <= 512 or cog.overviews(1)
+            cell_box = shapely.box(*s2geometry.s2_cell_polygon(token).bounds)  # the core: the cell's bbox
+            box = shapely.box(*rasterio.warp.transform_bounds(cog.crs, 4326, *cog.bounds))
+            assert cell_box.buffer(1e-5).covers(box)  # the COG holds the cell's own pixels, no context
+
+
+def test_a_rerun_adds_nothing_and_skips_done_cells(region_run):
+    settings, _, out, args, first = region_run
+    result = runner.invoke(app, args, env=_env(settings))
+    assert result.exit_code == 0, result.output
+    again = json.loads(result.stdout.strip().splitlines()[-1])
+    assert again["plan_id"] == first["plan_id"] and again["processed"] == [] and again["chips"] == 0
+    assert sorted(again["skipped_done"]) == sorted(first["processed"])
+    assert again["detections"] == first["detections"] == _lake_rows(settings, first["plan_id"])
+    assert len(gpd.read_parquet(out / "detections.parquet")) == first["detections"]
+
+
+def _one_cell(tiles: list, token: str, model) -> dict:
+    dag = pipelines.build_driver([region_inference])
+    return dag.execute(
+        ["cell_detections", "cell_mosaic", "detection_candidates", "prediction_rows"],
+        inputs={"cell_token": token, "tile_index": tiles, "tile_reader": region_files.read_tile_window,
+                "segmentation_model": model, "model_checkpoint": "stub.ckpt", "plan_id": "p", "pv_threshold": 0.5,
+                "predicted_at": dt.datetime.now(dt.timezone.utc)},
+    )
+
+
+def test_cell_dataflow_polygonises_dark_roofs_into_the_cells_detections(tmp_path):
+    tiles, _ = region_files.tile_index(_tiles_dir(tmp_path / "tiles"))
+    centre = tiles[0].footprint.centroid
+    token = str(s2geometry.s2_tokens(centre.y, centre.x, 16))
+    result = _one_cell(tiles, token, DarkRoofs())
+    detections, mosaic = result["cell_detections"], result["cell_mosaic"]
+    assert 10 < len(detections["geometry"]) < len(result["detection_candidates"]["geometry"])  # context dropped
+    assert np.allclose(detections["score"], 0.9)
+    assert (s2geometry.s2_tokens(detections["centroid_lat"], detections["centroid_lon"], 16) == token).all()
+    ground_px_m2 = (abs(mosaic.transform.a) * np.cos(np.radians(centre.y))) ** 2  # Web-Mercator z19 pixel
+    assert np.allclose(detections["area_m2"] / detections["pixel_count"], ground_px_m2, rtol=0.01)
+    from aegir.utils.geo import burn_polygons
+
+    burned = burn_polygons(mosaic, shapely.to_wkb(detections["geometry"]).tolist()).astype(bool)
+    dark = mosaic.pixels.mean(axis=0) < 60
+    assert burned.sum() == detections["pixel_count"].sum() and not (burned & ~dark).any()
+    rows = result["prediction_rows"]
+    assert rows.num_rows == len(detections["geometry"]) and set(COLUMNS) <= set(rows.column_names)
+
+
+def test_every_component_is_kept_by_exactly_one_cell(settings, tmp_path):
+    """With context wider than the tiles, each cell sees whole components: the cells' detections are exactly the
+    components of the whole mosaic, none twice, even those crossing cell borders."""
+    tiles_dir = _tiles_dir(tmp_path / "tiles")
+    report = infer_region(settings, _stub_checkpoint(tmp_path), tmp_path / "out", tiles_dir, plan_level=15,
+                          context_px=4000, model=DarkRoofs())
+    assert len(report.processed) > 1 and not report.failed
+    tiles, _ = region_files.tile_index(tiles_dir)
+    region = shapely.union_all([t.footprint for t in tiles])
+    grid = region_inference.mosaic_grid(region, tiles, tiles, 0)
+    mosaic = region_inference.cell_mosaic(region_inference.cell_chips(tiles, grid, region_files.read_tile_window),
+                                          grid)
+    probabilities = region_inference.cell_probabilities(mosaic, DarkRoofs())
+    labels = region_inference.detection_labels(probabilities)
+    frame = gpd.read_parquet(tmp_path / "out" / "detections.parquet")
+    assert len(frame) == labels.max() and frame["pixel_count"].sum() == (labels > 0).sum()
+    assert frame.groupby("cell_token").size().size > 1
+
+
+def test_cell_probabilities_join_without_seams(settings, tmp_path):
+    """Per-cell probability COGs (level-16 cells, smaller than a tile) equal whole-mosaic inference."""
+    tiles_dir = _tiles_dir(tmp_path / "tiles")
+    model = ConvNet()
+    report = infer_region(settings, _stub_checkpoint(tmp_path), tmp_path / "out", tiles_dir, plan_level=16,
+                          tile_px=256, overlap_px=64, model=model)
+    tiles, _ = region_files.tile_index(tiles_dir)
+    grid = region_inference.mosaic_grid(shapely.union_all([t.footprint for t in tiles]), tiles, tiles, 0)
+    mosaic = region_inference.cell_mosaic(region_inference.cell_chips(tiles, grid, region_files.read_tile_window),
+                                          grid)
+    whole = np.rint(model.predict_proba(mosaic.pixels) * 255)
+    assert len(report.processed) >= 6
+    for token in report.processed:
+        with rasterio.open(tmp_path / "out" / "cells" / f"{token}.tif") as cog:
+            values, valid = cog.read(1).astype(float), cog.read_masks(1) > 0
+            col, row = (round(v) for v in ~grid.transform @ (cog.transform.c, cog.transform.f))
+        reference = whole[row : row + values.shape[0], col : col + values.shape[1]]
+        assert np.abs(values - reference)[valid].max() <= 1  # uint8 levels: rounding only
+
+
+def test_a_corrupt_tile_fails_its_cells_with_the_reason_and_a_rerun_finishes_them(settings, tmp_path):
+    tiles_dir = _tiles_dir(tmp_path / "tiles", 2, 3)
+    victim = sorted(tiles_dir.glob("*.png"))[-1]
+    data = victim.read_bytes()
+    victim.unlink()
+    victim.write_bytes(data[: len(data) // 3])  # a truncated PNG: header fine, pixels unreadable
+    checkpoint, out = _stub_checkpoint(tmp_path), tmp_path / "out"
+    report = infer_region(settings, checkpoint, out, tiles_dir, plan_level=15, model=DarkRoofs())
+    assert report.failed and report.processed
+    assert all(victim.name in item["reason"] for item in report.failed)
+    status = _plan_status(settings, report.plan_id)
+    for item in report.failed:
+        assert status[item["cell_token"]][0] == "failed" and victim.name in status[item["cell_token"]][1]
+    assert {status[t][0] for t in report.processed} == {"done"}
+    victim.unlink()
+    victim.symlink_to(AUSTIN / victim.name)  # repaired under the same name: same plan, only the failed cells rerun
+    again = infer_region(settings, checkpoint, out, tiles_dir, plan_level=15, model=DarkRoofs())
+    assert again.plan_id == report.plan_id and not again.failed
+    assert sorted(again.processed) == sorted(item["cell_token"] for item in report.failed)
+    assert sorted(again.skipped_done) == sorted(report.processed)
+    assert again.detections == _lake_rows(settings, report.plan_id) == len(gpd.read_parquet(out / "detections.parquet"))
+
+
+class _Interrupt(DarkRoofs):
+    """Raises KeyboardInterrupt (like Ctrl-C / a kill) in the first prediction after it is armed."""
+
+    armed = False
+
+    def predict_proba(self, image: np.ndarray) -> np.ndarray:
+        if self.armed:
+            raise KeyboardInterrupt
+        return super().predict_proba(image)
+
+
+def test_an_interrupted_run_leaves_its_cell_running_and_a_rerun_finishes_only_the_rest(settings, tmp_path):
+    tiles_dir, checkpoint, out = _tiles_dir(tmp_path / "tiles"), _stub_checkpoint(tmp_path), tmp_path / "out"
+    model = _Interrupt()
+
+    def arm(done: int, total: int) -> None:
+        model.armed = True  # after the first cell
+
+    with pytest.raises(KeyboardInterrupt):
+        infer_region(settings, checkpoint, out, tiles_dir, plan_level=15, model=model, progress=arm)
+    plan_id = _only_plan(settings)
+    status = _plan_status(settings, plan_id)
+    running = [t for t, (s, _) in status.items() if s == "running"]
+    done = [t for t, (s, _) in status.items() if s == "done"]
+    assert len(running) == 1 and len(done) == 1
+    again = infer_region(settings, checkpoint, out, tiles_dir, plan_level=15, model=DarkRoofs())
+    assert again.plan_id == plan_id and again.resumed == running and again.skipped_done == done
+    assert sorted(again.processed + done) == sorted(t for t, (s, _) in _plan_status(settings, plan_id).items()
+                                                    if s == "done")
+    assert again.detections == _lake_rows(settings, plan_id)
+
+
+def _only_plan(settings) -> str:
+    con = ducklake.connect(settings)
+    try:
+        (plan_id,), = con.execute(f"SELECT DISTINCT plan_id FROM {settings.ducklake_alias}.grid_plan").fetchall()
+    finally:
+        con.close()
+    return plan_id
+
+
+def test_an_aoi_selects_cells_and_an_aoi_without_imagery_is_a_clear_error(settings, tmp_path):
+    tiles_dir, checkpoint = _tiles_dir(tmp_path / "tiles"), _stub_checkpoint(tmp_path)
+    centre = region_files.tile_index(tiles_dir)[0][0].footprint.centroid
+    small = f"{centre.x - 1e-4},{centre.y - 1e-4},{centre.x + 1e-4},{centre.y + 1e-4}"
+    report = infer_region(settings, checkpoint, tmp_path / "small", tiles_dir, aoi=small, plan_level=16,
+                          model=DarkRoofs())
+    assert report.cells == 1 and len(report.processed) == 1
+    boston = tmp_path / "boston.geojson"
+    gpd.GeoDataFrame(geometry=[shapely.box(-71.10, 42.30, -71.00, 42.38)], crs=4326).to_file(boston)
+    with pytest.raises(NoImageryError, match="holds no imagery") as error:
+        infer_region(settings, checkpoint, tmp_path / "boston", tiles_dir, aoi=boston, plan_level=13,
+                     model=DarkRoofs())
+    assert str(boston) in str(error.value) and "tiles" in str(error.value)
+    plan_id = str(error.value).split("plan ")[-1].split(" ")[0]
+    assert {s for s, _ in _plan_status(settings, plan_id).values()} == {"no_imagery"}
+    env = _env(settings)
+    result = runner.invoke(app, ["infer", "region", "--aoi", str(boston), "--tiles", str(tiles_dir), "--checkpoint",
+                                 str(checkpoint), "--out", str(tmp_path / "cli")], env=env)
+    assert result.exit_code == 1 and "holds no imagery" in result.output
+    result = runner.invoke(app, ["infer", "region", "--aoi", str(boston), "--checkpoint", str(checkpoint), "--out",
+                                 str(tmp_path / "cli")], env=env)
+    assert result.exit_code == 1 and "--tiles DIR" in result.output
