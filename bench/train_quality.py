@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from aegir import pipelines  # noqa: E402
 from aegir.config import Settings  # noqa: E402
 from aegir.training.config import TrainConfig  # noqa: E402
-from aegir.training.evaluate import evaluate_folder, load_rgb_model  # noqa: E402
+from aegir.training.evaluate import evaluate_folder, load_rgb_model, object_and_pixel_scores  # noqa: E402
 from aegir.training.train import run_training  # noqa: E402
 
 JIANG = Path(__file__).resolve().parents[2] / "shared" / "data" / "vhr" / "jiang_pv01"
@@ -62,6 +62,8 @@ def main() -> None:
         metrics = evaluate_folder(result.best_checkpoint, JIANG / "images", JIANG / "masks", stems=chosen,
                                   model=model)
         scores[name] = {k: metrics[k] for k in ("mean_iou", "pixel_iou", "f1", "precision", "recall", "images")}
+        scores[name]["object_iou50"] = object_and_pixel_scores(result.best_checkpoint, JIANG / "images",
+                                                               JIANG / "masks", chosen, device="cpu")["object"]
     summary = {
         "rows": report.inserted + report.updated, "split_counts": result.split_counts,
         "split_level": split.get("level"), "epochs": result.epochs, "train_seconds": round(train_seconds, 1),
@@ -70,11 +72,12 @@ def main() -> None:
         "val_iou_over_goal": round(scores["val"]["pixel_iou"] / 0.85, 3), "checkpoint": result.best_checkpoint,
     }
     print(json.dumps(summary, indent=1))
-    print(f"\n{'':28}{'pixel IoU':>10}{'mean IoU':>10}{'F1':>8}")
+    print(f"\n{'':28}{'pixel IoU':>10}{'mean IoU':>10}{'F1':>8}{'object F1@.5':>14}")
     for name in ("val", "test"):
         s = scores[name]
         label = f"this repo, {name} ({s['images']} tiles)"
-        print(f"{label:28}{s['pixel_iou']:>10.3f}{s['mean_iou']:>10.3f}{s['f1']:>8.3f}")
+        print(f"{label:28}{s['pixel_iou']:>10.3f}{s['mean_iou']:>10.3f}{s['f1']:>8.3f}"
+              f"{s['object_iou50']['f1']:>14.3f}")
     print(f"{'Jiang et al. 2021 (avg)':28}{PAPER_IOU:>10.3f}{'':>10}{'':>8}")
     print(f"trained {result.epochs} epochs in {train_seconds / 60:.1f} min on {args.threads} threads")
 

@@ -187,3 +187,24 @@ def test_mask_factory_model_backend_runs_a_trained_checkpoint(trained, tmp_path)
     assert report["backend"] == "model" and str(out / "best.ckpt") in report["backend_version"]
     second = np.asarray(Image.open(tmp_path / "masks" / "PV01_324942_1203842.png"))
     assert second.shape == (256, 256) and not second[:, 128:].any()  # nothing outside the prompt box
+
+
+def test_held_out_object_scores_agree_with_pixel_scores(trained):
+    from aegir.training.evaluate import object_and_pixel_scores
+
+    out, _ = trained
+    stems = ["PV01_324942_1203839", "PV01_324942_1203842", "PV01_324951_1203795"]
+    scores = object_and_pixel_scores(out / "best.ckpt", JIANG / "images", JIANG / "masks", stems, device="cpu")
+    assert scores["images"] == 3
+    # the union of the polygonised components covers exactly the masks' pixels: area IoU == pixel IoU
+    assert scores["object"]["area_iou"] == pytest.approx(scores["pixel_iou"], abs=1e-9)
+    truth_components = sum(len(component_boxes(np.asarray(Image.open(JIANG / "masks" / f"{s}.bmp")) > 0))
+                           for s in stems)
+    assert scores["object"]["references"] == truth_components > 0
+
+
+def component_boxes(mask: np.ndarray) -> list:
+    from scipy import ndimage as ndi
+
+    labels, _ = ndi.label(mask, structure=np.ones((3, 3)))
+    return ndi.find_objects(labels)

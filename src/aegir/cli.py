@@ -533,12 +533,16 @@ def flywheel(
         table = run_flywheel(_settings(ctx), out, rounds, load_flywheel_config(config), on_step=report)
     except (ValueError, FileNotFoundError, RuntimeError, ducklake.StoreError) as exc:
         _fail(str(exc))
-    view = Table("round", "rows", "version", "masks by source", "val IoU", "detections", "accepted", "rejected",
-                 "review", "backfilled", "hard neg.", "version after")
+    view = Table("round", "rows", "version", "masks by source", "val IoU", "test IoU", "test obj. F1", "detections",
+                 "accepted", "rejected", "review", "backfilled", "hard neg.", "version after")
+
+    def fmt(value) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
     for row in table:
         masks = ", ".join(f"{k} {v}" for k, v in row["masks_by_source"].items())
-        val_iou = "-" if row["val_iou"] is None else f"{row['val_iou']:.3f}"
-        view.add_row(*map(str, (row["round"], row["rows"], row["data_version"], masks, val_iou, row["detections"],
+        view.add_row(*map(str, (row["round"], row["rows"], row["data_version"], masks, fmt(row["val_iou"]),
+                                fmt(row["held_out_pixel_iou"]), fmt(row["held_out_object_f1"]), row["detections"],
                                 row["accepted"], row["rejected"], row["needs_review"], row["backfilled"],
                                 row["hard_negatives"], row["version_after_backfill"])))
     console.print(view)

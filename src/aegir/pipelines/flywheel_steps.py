@@ -184,11 +184,29 @@ def step_validate(context: RoundContext) -> dict:
     counts = Counter(decisions["decision"].to_pylist())
     result = {"detections": n, "accepted": counts.get("accept", 0), "rejected": counts.get("reject", 0),
               "needs_review": counts.get("needs_review", 0), "decisions": str(path)}
+    result["held_out"] = _held_out_scores(context)
     if context.round_index > 1:  # accepted detections of this round vs the previous round's
         previous = _accepted_geometries(context, context.round_index - 1)
         accepted = [g for g, d in zip(geometries, decisions["decision"].to_pylist()) if d == "accept"]
         result["agreement_with_previous_round"] = validation.object_level_scores(accepted, previous)
     return result
+
+
+def _held_out_scores(context: RoundContext) -> dict:
+    """The round's model on the seed tiles of its test split (cells it never trained on) against their ground
+    truth: object-level precision / recall / F1 at IoU ≥ 0.5 and pixel IoU."""
+    import json
+
+    from aegir.training.evaluate import object_and_pixel_scores
+
+    train = context.earlier("train")
+    test = set(json.loads((Path(train["checkpoint"]).parent / "split.json").read_text())["uuids"]["test"])
+    table = _table(context).to_lance().checkout_version(train["data_version"])
+    rows = table.to_table(columns={"uuid": "uuid", "sample_id": "metadata.sample_id",
+                                   "dataset": "metadata.dataset"}).to_pylist()
+    stems = [r["sample_id"] for r in rows if r["uuid"] in test and r["dataset"] == SEED_DATASET]
+    return object_and_pixel_scores(train["checkpoint"], context.config.seed_images, context.config.seed_masks,
+                                   stems, device="cpu")
 
 
 def _accepted_geometries(context: RoundContext, round_index: int) -> list:
@@ -252,6 +270,8 @@ def round_summary(context: RoundContext) -> dict:
     validate, backfill = context.earlier("validate"), context.earlier("backfill")
     return {"round": context.round_index, "rows": dataset["rows"], "data_version": dataset["version"],
             "masks_by_source": dataset["masks_by_source"], "val_iou": train.get("val_iou"),
+            "held_out_pixel_iou": validate["held_out"]["pixel_iou"],
+            "held_out_object_f1": validate["held_out"]["object"]["f1"],
             "detections": validate["detections"], "accepted": validate["accepted"], "rejected": validate["rejected"],
             "needs_review": validate["needs_review"], "backfilled": backfill["backfilled"],
             "hard_negatives": backfill["hard_negatives"], "version_after_backfill": backfill["version"]}
