@@ -545,7 +545,7 @@ def flywheel(
                                 fmt(row["held_out_pixel_iou"]), fmt(row["held_out_object_f1"]), row["detections"],
                                 row["accepted"], row["rejected"], row["needs_review"], row["backfilled"],
                                 row["hard_negatives"], row["version_after_backfill"])))
-    console.print(view)
+    console.print(view, width=max(console.width, 180))
     console.print(f"per-round table: {out / 'flywheel_rounds.csv'}", highlight=False)
 
 
