@@ -41,6 +41,7 @@ def test_two_rounds_write_the_per_round_table(flywheel_run):
     assert calls == [(r, s, False) for r in (1, 2) for s in STEPS]
     saved = json.loads((root / "out" / "flywheel_rounds.json").read_text())
     assert saved == table and (root / "out" / "flywheel_rounds.csv").is_file()
+    assert (root / "out" / "flywheel_rounds.png").stat().st_size > 10_000  # the per-round summary plot
     first, second = table
     assert first["rows"] == 60 and first["masks_by_source"] == {"ground_truth": 60}
     assert first["detections"] == first["accepted"] + first["rejected"] + first["needs_review"]

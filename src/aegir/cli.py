@@ -549,6 +549,30 @@ def flywheel(
     console.print(f"per-round table: {out / 'flywheel_rounds.csv'}", highlight=False)
 
 
+@app.command("quicklook")
+def quicklook(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option(help="Folder for <sample_id>.png panels and contact_sheet.png.")] = Path("data/quicklooks/training_data"),
+    uri: Annotated[Optional[str], typer.Option(help="training_data table location (default: under the LanceDB root).")] = None,
+    dataset: Annotated[Optional[list[str]], typer.Option(help="Only rows of these datasets.")] = None,
+    mask_source: Annotated[Optional[list[str]], typer.Option(help="Only rows whose mask came from these sources.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many rows.")] = 16,
+) -> None:
+    """PNG panels of training_data chips: the chip with its prompt outlined | the mask overlay."""
+    from aegir.pipelines.quicklook import quicklook_training_data
+
+    filters = {}
+    if dataset:
+        filters["metadata.dataset"] = list(dataset)
+    if mask_source:
+        filters["metadata.mask_source"] = list(mask_source)
+    try:
+        report = quicklook_training_data(_settings(ctx), uri, out, filters, limit)
+    except (ValueError, ducklake.StoreError) as exc:
+        _fail(str(exc))
+    console.print(f"wrote {len(report['written'])} quicklooks and {report['contact_sheet']}", highlight=False)
+
+
 @app.command("dag")
 def dag(out: Annotated[Path, typer.Option(help="Image to write (.png, .svg, .pdf).")] = Path("dag.png")) -> None:
     """Write a picture of the Hamilton DAG of every stage (needs graphviz)."""
@@ -563,3 +587,74 @@ def dag(out: Annotated[Path, typer.Option(help="Image to write (.png, .svg, .pdf
 def show_config(ctx: typer.Context) -> None:
     """Print the settings in effect."""
     print(json.dumps({k: str(v) for k, v in vars(_settings(ctx)).items()}, indent=2))
+
+
+# ---- chip embeddings and vector search (issue #8) -----------------------------------------------------------
+
+search_app = typer.Typer(help="Vector search over chip embeddings (LanceDB chip_embeddings).", no_args_is_help=True)
+app.add_typer(search_app, name="search")
+
+
+@dataset_app.command("embed")
+def dataset_embed(
+    ctx: typer.Context,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="A checkpoint from `aegir train` (best.ckpt).")] = None,
+    uri: Annotated[Optional[str], typer.Option(help="LanceDB training table location (default: training_data under the LanceDB root).")] = None,
+    table: Annotated[str, typer.Option(help="Embeddings table (beside the training table).")] = "chip_embeddings",
+    encoder_weights: Annotated[Optional[Path], typer.Option(help="Instead of --checkpoint: local pretrained encoder state dict.")] = None,
+    encoder: Annotated[Optional[str], typer.Option(help="With --encoder-weights: smp encoder name (e.g. resnet18).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Chips per batch.")] = 32,
+    refresh: Annotated[bool, typer.Option("--refresh", help="Re-embed chips that already have a vector from this model.")] = False,
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when present).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Embed every training chip (pooled encoder features) into the chip_embeddings table; idempotent."""
+    from aegir.pipelines import vector_search
+
+    try:
+        report = vector_search.embed_training_chips(
+            _settings(ctx), checkpoint, uri, table, batch_size, refresh, device,
+            str(encoder_weights) if encoder_weights else None, encoder)
+    except (ValueError, FileNotFoundError, ducklake.StoreError) as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps(vars(report)))
+        return
+    console.print(f"{report.table}: model {report.model} ({report.dim}-d), {report.embedded} embedded, "
+                  f"{report.skipped_existing} already present, version {report.version}; index {report.index}",
+                  highlight=False)
+
+
+@search_app.command("similar")
+def search_similar(
+    ctx: typer.Context,
+    chip: Annotated[Optional[str], typer.Option(help="uuid of a training chip to search from.")] = None,
+    image: Annotated[Optional[Path], typer.Option(help="An image file to search from (embedded with the model's checkpoint).")] = None,
+    where: Annotated[Optional[list[str]], typer.Option(help="Pre-filter key=value (dataset, sample_id, s2_token_l10/l13/l17, uuid, acquired_from, acquired_to); repeatable.")] = None,
+    k: Annotated[int, typer.Option("-k", "--k", help="Number of neighbours.")] = 10,
+    uri: Annotated[Optional[str], typer.Option(help="LanceDB training table location (the embeddings live beside it).")] = None,
+    table: Annotated[str, typer.Option(help="Embeddings table.")] = "chip_embeddings",
+    model: Annotated[Optional[str], typer.Option(help="Model id of the vectors (needed when several models are stored).")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="With --image: checkpoint to embed it (default: the one recorded).")] = None,
+    include_self: Annotated[bool, typer.Option("--include-self", help="Keep the query chip in the results.")] = False,
+    exact: Annotated[bool, typer.Option("--exact", help="Exact search (bypass the ANN index).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """The k chips nearest to a chip or an image (cosine distance), optionally pre-filtered."""
+    from aegir.pipelines import vector_search
+
+    try:
+        result = vector_search.similar_chips(_settings(ctx), chip, str(image) if image else None, where, k, uri,
+                                             table, model, str(checkpoint) if checkpoint else None, include_self,
+                                             exact)
+    except (ValueError, FileNotFoundError, ducklake.StoreError) as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps(result))
+        return
+    view = Table("rank", "distance", "uuid", "sample_id", "dataset", "s2_token_l13",
+                 title=f"{result['search']} search, model {result['model']}")
+    for rank, hit in enumerate(result["neighbours"], 1):
+        view.add_row(str(rank), f"{hit['distance']:.5f}", hit["uuid"], str(hit["sample_id"]), str(hit["dataset"]),
+                     str(hit["s2_token_l13"]))
+    console.print(view)

@@ -19,6 +19,7 @@ from hamilton import base, driver
 from aegir.config import Settings
 from aegir.dataflows import (
     backfill,
+    chip_embeddings,
     grid_plan,
     ingest_ducklake_labels,
     label_import,
@@ -44,6 +45,7 @@ STAGES: dict[str, tuple[ModuleType, ...]] = {
     "region_inference": (region_inference,),
     "validation": (validation,),
     "backfill": (backfill,),
+    "chip_embeddings": (chip_embeddings,),
 }
 
 

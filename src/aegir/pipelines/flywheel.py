@@ -2,7 +2,7 @@
 
 Each round's steps write their result into ``OUT/flywheel_state.json`` as they finish; a re-run (after a crash or
 Ctrl-C) skips every step already recorded and goes on with the next. One row per round goes to
-``OUT/flywheel_rounds.csv`` / ``.json``: training rows, masks by source, validation IoU, detections accepted /
+``OUT/flywheel_rounds.csv`` / ``.json`` (and a summary plot ``.png``): training rows, masks by source, validation IoU, detections accepted /
 rejected / for review, backfilled samples and the ``training_data`` version the round trained on.
 
 On the embedded defaults the shared data plays these parts:
@@ -131,8 +131,12 @@ def run_flywheel(settings: Settings, out_dir: str | Path, rounds: int = 2, confi
 
 
 def write_round_table(out: Path, table: list[dict]) -> None:
-    """``OUT/flywheel_rounds.json`` and ``.csv`` (one row per round)."""
+    """``OUT/flywheel_rounds.json``, ``.csv`` (one row per round) and ``.png`` (the summary plot)."""
+    from aegir.utils.quicklook import flywheel_summary_figure
+
     (out / "flywheel_rounds.json").write_text(json.dumps(table, indent=1))
+    if table:
+        flywheel_summary_figure(table).savefig(out / "flywheel_rounds.png")
     if table:
         with (out / "flywheel_rounds.csv").open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(table[0]))

@@ -1,0 +1,82 @@
+"""``aegir quicklook``: PNG panels of ``training_data`` chips (chip with its prompt outlined | mask overlay) and a
+contact sheet of them, for a person to look at."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from affine import Affine
+from PIL import Image
+from rasterio.crs import CRS
+
+from aegir.config import Settings
+from aegir.store import lance_io
+from aegir.store.chip_codec import decode_chip
+from aegir.utils import geo
+from aegir.utils.quicklook import chip_panel
+from aegir.utils.types import Chip
+
+COLUMNS = ["uuid", "prompt_geometry", "vhr_image_chip", "generated_mask", "metadata"]
+
+
+def _row_chip(row: dict) -> Chip:
+    meta = row["metadata"]
+    pixels = decode_chip(row["vhr_image_chip"], meta["vhr_encoding"], meta["vhr_shape"], meta["vhr_dtype"])
+    bands = tuple(f"b{i}" for i in range(pixels.shape[0]))
+    return Chip(pixels, CRS.from_string(meta["crs"]), Affine(*meta["transform"][:6]), meta["gsd_m"] or float("nan"),
+                bands, meta["source_file"])
+
+
+def row_panel(row: dict) -> np.ndarray:
+    """(H, 2W + 4, 3) uint8 panel of one ``training_data`` row (see :func:`aegir.utils.quicklook.chip_panel`)."""
+    chip = _row_chip(row)
+    meta = row["metadata"]
+    mask = None
+    if row["generated_mask"] is not None:
+        mask = decode_chip(row["generated_mask"], meta["mask_encoding"], meta["mask_shape"], "uint8")
+        mask = mask.reshape(chip.height, chip.width)
+    prompt = geo.burn_polygons(chip, [row["prompt_geometry"]]) if meta["crs"] != geo.PIXEL_GRID_CRS.to_string() \
+        else None
+    rgb = np.ascontiguousarray(np.moveaxis(chip.rgb8(), 0, -1))
+    return chip_panel(rgb, mask, None if prompt is None else prompt.astype(bool))
+
+
+def contact_sheet(panels: list[np.ndarray], columns: int = 4, width: int = 1200) -> np.ndarray:
+    """Panels resized to one width and tiled ``columns`` per row (white background), (H, ``width``, 3) uint8."""
+    cell = width // columns
+    resized = [np.asarray(Image.fromarray(p).resize((cell, max(1, round(p.shape[0] * cell / p.shape[1])))))
+               for p in panels]
+    rows = [resized[i:i + columns] for i in range(0, len(resized), columns)]
+    height = sum(max(p.shape[0] for p in r) for r in rows)
+    sheet = np.full((height, width, 3), 255, np.uint8)
+    top = 0
+    for r in rows:
+        for k, panel in enumerate(r):
+            sheet[top:top + panel.shape[0], k * cell:k * cell + panel.shape[1]] = panel
+        top += max(p.shape[0] for p in r)
+    return sheet
+
+
+def quicklook_training_data(settings: Settings, uri: str | None, out_dir: str | Path,
+                            filters: dict | None = None, limit: int = 16) -> dict:
+    """``OUT/<sample_id>.png`` for up to ``limit`` rows matching ``filters`` (metadata field → value(s), quoted by
+    :func:`aegir.store.lance_io.build_where_clause`) and ``OUT/contact_sheet.png``."""
+    table = lance_io.open_training_table(uri, settings.lancedb_root, create=False)
+    dataset = table.to_lance()
+    where = lance_io.build_where_clause(filters or {}, dataset.schema) or None
+    rows = dataset.to_table(columns=COLUMNS, filter=where, limit=limit).to_pylist()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written, panels = [], []
+    for row in rows:
+        panel = row_panel(row)
+        path = out / f"{Path(row['metadata']['sample_id']).name}.png"
+        Image.fromarray(panel).save(path)
+        written.append(str(path))
+        panels.append(panel)
+    sheet = None
+    if panels:
+        sheet = out / "contact_sheet.png"
+        Image.fromarray(contact_sheet(panels)).save(sheet)
+    return {"written": written, "contact_sheet": str(sheet) if sheet else None, "rows": len(rows)}
