@@ -25,31 +25,13 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from scipy import ndimage as ndi
 
 from aegir import pipelines
 from aegir.masks.base import MaskBackendError
+from aegir.store.mask_files import write_component_box_prompts
 from aegir.store.image_files import list_image_files, read_mask
 
 HERE = Path(__file__).resolve().parent
-
-
-def component_boxes(mask: np.ndarray) -> list[tuple[int, int, int, int]]:
-    """(xmin, ymin, xmax, ymax) pixel-corner boxes of the 8-connected components of a 0/1 mask."""
-    labels, _ = ndi.label(mask > 0, structure=np.ones((3, 3)))
-    return [(s[1].start, s[0].start, s[1].stop, s[0].stop) for s in ndi.find_objects(labels)]
-
-
-def write_gt_prompts(jiang: Path, path: Path) -> int:
-    rows = 0
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["filename", "xmin", "ymin", "xmax", "ymax"])
-        for image in list_image_files(jiang / "images"):
-            for box in component_boxes(read_mask(jiang / "masks" / image.name)):
-                writer.writerow([image.name, *box])
-                rows += 1
-    return rows
 
 
 def box_baseline(prompts_csv: Path, out: Path, jiang: Path) -> None:
@@ -139,7 +121,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         prompts = tmp / "jiang_gt_boxes.csv"
-        report["prompts"] = write_gt_prompts(jiang, prompts)
+        report["prompts"] = write_component_box_prompts(jiang / "images", jiang / "masks", prompts)
         box_baseline(prompts, tmp / "box", jiang)
         report["backends"]["box (baseline: the prompt boxes)"] = summarise(
             pipelines.evaluate_masks(tmp / "box", jiang / "masks"), stems, nonempty)

@@ -19,13 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from aegir.masks.base import get_backend
-from aegir.masks.prompts import pixel_prompts
+from aegir.masks.prompts import mask_component_boxes, pixel_prompts
 from aegir.store.image_files import list_image_files, read_mask
 from aegir.store.mask_files import read_image_chip
 from aegir.dataflows.sam_mask_factory import image_rgb
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mask_quality import component_boxes  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -39,7 +36,7 @@ def main() -> int:
     backend = get_backend("offline")
     tiles = []
     for path in list_image_files(jiang / "images"):
-        boxes = component_boxes(read_mask(jiang / "masks" / path.name))
+        boxes = mask_component_boxes(read_mask(jiang / "masks" / path.name))
         if boxes:
             tiles.append((image_rgb(read_image_chip(path)), boxes))
     assert all(t[0].shape[:2] == (256, 256) for t in tiles)

@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from aegir import pipelines  # noqa: E402
 from aegir.config import Settings  # noqa: E402
 from aegir.training.config import TrainConfig  # noqa: E402
-from aegir.training.evaluate import evaluate_folder, load_rgb_model, object_and_pixel_scores  # noqa: E402
+from aegir.training.evaluate import object_and_pixel_scores  # noqa: E402
+from aegir.training.litmodule import read_checkpoint  # noqa: E402
 from aegir.training.train import run_training  # noqa: E402
 
 JIANG = Path(__file__).resolve().parents[2] / "shared" / "data" / "vhr" / "jiang_pv01"
@@ -52,18 +53,16 @@ def main() -> None:
     result = run_training(uri, config, out, str(settings.lancedb_root))
     train_seconds = time.perf_counter() - started
 
-    model = load_rgb_model(result.best_checkpoint, "cpu")
-    split = model.split or {}
+    split = read_checkpoint(result.best_checkpoint)["split"] or {}
     split_uuids = json.loads((out / "split.json").read_text())["uuids"]
     stems = _stems_by_uuid(uri, settings)
     scores = {}
     for name in ("val", "test"):
         chosen = [stems[u] for u in split_uuids[name]]
-        metrics = evaluate_folder(result.best_checkpoint, JIANG / "images", JIANG / "masks", stems=chosen,
-                                  model=model)
+        metrics = object_and_pixel_scores(result.best_checkpoint, JIANG / "images", JIANG / "masks", chosen,
+                                          device="cpu")
         scores[name] = {k: metrics[k] for k in ("mean_iou", "pixel_iou", "f1", "precision", "recall", "images")}
-        scores[name]["object_iou50"] = object_and_pixel_scores(result.best_checkpoint, JIANG / "images",
-                                                               JIANG / "masks", chosen, device="cpu")["object"]
+        scores[name]["object_iou50"] = metrics["object"]
     summary = {
         "rows": report.inserted + report.updated, "split_counts": result.split_counts,
         "split_level": split.get("level"), "epochs": result.epochs, "train_seconds": round(train_seconds, 1),

@@ -184,6 +184,17 @@ def prompts_export(
     console.print(f"wrote {prompts.num_rows} prompts to {out}")
 
 
+def _print_build(report: pipelines.BuildReport, as_json: bool) -> None:
+    """A dataset build's outcome: JSON, or a summary line plus one line per skipped file / prompt."""
+    if as_json:
+        print(json.dumps(vars(report)))
+        return
+    console.print(f"{report.location}: {report.inserted} inserted, {report.updated} updated, version {report.version}",
+                  highlight=False)
+    for item in report.skipped:
+        errors.print(f"[yellow]skipped:[/] {item.get('file') or item.get('prompt')}: {item['reason']}", highlight=False)
+
+
 @dataset_app.command("build")
 def dataset_build(
     ctx: typer.Context,
@@ -225,13 +236,7 @@ def dataset_build(
                     settings, images, masks, uri, name, encoding, str(msi) if msi else None, advance)
     except (ValueError, FileNotFoundError, ducklake.StoreError) as exc:
         _fail(str(exc))
-    if as_json:
-        print(json.dumps(vars(report)))
-        return
-    console.print(f"{report.location}: {report.inserted} inserted, {report.updated} updated, version {report.version}",
-                  highlight=False)
-    for item in report.skipped:
-        errors.print(f"[yellow]skipped:[/] {item.get('file') or item.get('prompt')}: {item['reason']}", highlight=False)
+    _print_build(report, as_json)
 
 
 @dataset_app.command("info")
@@ -275,13 +280,7 @@ def dataset_build_ray(
                                              str(msi) if msi else None, num_blocks, address)
     except (ValueError, FileNotFoundError, RuntimeError, ducklake.StoreError) as exc:
         _fail(str(exc))
-    if as_json:
-        print(json.dumps(vars(report)))
-        return
-    console.print(f"{report.location}: {report.inserted} inserted, {report.updated} updated, version {report.version}",
-                  highlight=False)
-    for item in report.skipped:
-        errors.print(f"[yellow]skipped:[/] {item.get('file')}: {item['reason']}", highlight=False)
+    _print_build(report, as_json)
 
 
 @masks_app.command("generate")

@@ -34,6 +34,11 @@ class MaskResult:
             raise ValueError(f"MaskResult shapes disagree: masks {self.masks.shape}, confidence "
                              f"{self.confidence.shape}, stability {self.stability.shape}")
 
+    @classmethod
+    def empty(cls, height: int, width: int) -> "MaskResult":
+        """The result for no prompts: (0, H, W) masks, empty scores."""
+        return cls(np.zeros((0, height, width), bool), np.zeros(0), np.zeros(0))
+
     @property
     def union(self) -> np.ndarray:
         """(H, W) bool: the union of every prompt's mask."""

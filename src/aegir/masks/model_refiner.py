@@ -45,10 +45,10 @@ class ModelRefinerBackend:
     def segment(self, image: np.ndarray, prompts: PixelPrompts) -> MaskResult:
         height, width = image.shape[:2]
         n = len(prompts)
+        if n == 0:
+            return MaskResult.empty(height, width)
         masks = np.zeros((n, height, width), bool)
         confidence, stability = np.zeros(n), np.zeros(n)
-        if n == 0:
-            return MaskResult(masks, confidence, stability)
         proba = np.asarray(self.model.predict_proba(np.ascontiguousarray(np.moveaxis(image, -1, 0))), np.float32)
         if proba.shape != (height, width):
             raise MaskBackendError(f"model backend: predict_proba returned {proba.shape}, image is {(height, width)}")

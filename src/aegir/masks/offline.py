@@ -69,9 +69,9 @@ class OfflineGrabCutBackend:
         """One mask per prompt (see the module docstring) for an (H, W, 3) uint8 RGB image."""
         height, width = image.shape[:2]
         n = len(prompts)
-        masks = np.zeros((n, height, width), bool)
         if n == 0:
-            return MaskResult(masks, np.zeros(0), np.zeros(0))
+            return MaskResult.empty(height, width)
+        masks = np.zeros((n, height, width), bool)
         regions = [prompts.pixel_slices(i, self.point_box_px) for i in range(n)]
         rows0, rows1, cols0, cols1 = self._window(regions, height, width)
         crop = np.ascontiguousarray(image[rows0:rows1, cols0:cols1, ::-1])  # BGR for OpenCV

@@ -70,10 +70,10 @@ class SamPredictorBackend:
 
         height, width = image.shape[:2]
         n = len(prompts)
+        if n == 0:
+            return MaskResult.empty(height, width)
         masks = np.zeros((n, height, width), bool)
         confidence, stability = np.zeros(n), np.zeros(n)
-        if n == 0:
-            return MaskResult(masks, confidence, stability)
         self.predictor.set_image(np.ascontiguousarray(image))
         self.encoder_passes += 1
         is_box = prompts.is_box

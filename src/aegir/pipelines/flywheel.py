@@ -31,8 +31,6 @@ from typing import Any, Callable
 from aegir.config import Settings
 
 STEPS = ("ingest", "masks", "dataset", "train", "infer", "validate", "backfill")
-SEED_DATASET = "jiang_pv01"
-BACKFILL_DATASET = "flywheel_backfill"
 
 
 @dataclass

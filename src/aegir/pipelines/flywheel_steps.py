@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,37 +72,18 @@ def step_ingest(context: RoundContext) -> dict:
     return {"new_label_rows": added}
 
 
-def _gt_component_prompts(images: Path, masks: Path, path: Path) -> int:
-    from scipy import ndimage as ndi
-
-    from aegir.store.image_files import list_image_files, mask_files_by_stem, read_mask
-
-    by_stem = mask_files_by_stem(masks)
-    rows = 0
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["filename", "xmin", "ymin", "xmax", "ymax"])
-        for image in list_image_files(images):
-            if image.stem not in by_stem:
-                continue
-            labels, _ = ndi.label(read_mask(by_stem[image.stem]) > 0, structure=np.ones((3, 3)))
-            for s in ndi.find_objects(labels):
-                writer.writerow([image.name, s[1].start, s[0].start, s[1].stop, s[0].stop])
-                rows += 1
-    return rows
-
-
 def step_masks(context: RoundContext) -> dict:
     """Round 1: offline Mask Factory on the seed tiles (one box per ground-truth component), scored against the
     ground truth. Later rounds: the backfill of the previous round made this round's new masks."""
     from aegir import pipelines
+    from aegir.store.mask_files import write_component_box_prompts
 
     cfg = context.config
     if context.round_index > 1:
         previous = context.earlier("backfill", context.round_index - 1)
         return {"new_masks": previous.get("backfilled", 0), "backend": "model (previous round's backfill)"}
     prompts = context.round_dir / "seed_box_prompts.csv"
-    count = _gt_component_prompts(Path(cfg.seed_images), Path(cfg.seed_masks), prompts)
+    count = write_component_box_prompts(cfg.seed_images, cfg.seed_masks, prompts)
     report = pipelines.generate_masks(cfg.seed_images, prompts, "offline", context.round_dir / "masks")
     quality = pipelines.evaluate_masks(context.round_dir / "masks", cfg.seed_masks)
     return {"prompts": count, "masks": len(report.written), "backend": "offline",
@@ -246,21 +226,23 @@ def step_backfill(context: RoundContext) -> dict:
 
 
 def _detection_tiles(detections, tiles_dir: Path) -> dict[str, Any]:
-    """detection_id → the region tile (Chip) whose footprint holds the detection's centroid."""
+    """detection_id → the region tile (Chip) whose footprint holds the detection's centroid. Footprints come from
+    the tile index (file headers); only the tiles that hold a detection are read."""
     import shapely
 
-    from aegir.dataflows.vhr_loaders import named_tile_chip
-    from aegir.store.image_files import list_image_files
-    from aegir.utils import geo
+    from aegir.store import mask_files, region_files
 
-    chips = [named_tile_chip(str(path)) for path in list_image_files(tiles_dir)]
-    footprints = np.array([shapely.from_wkb(geo.chip_footprint_wkb(c)) for c in chips], dtype=object)
-    tree = shapely.STRtree(footprints)
+    tiles, _ = region_files.tile_index(tiles_dir)
+    tree = shapely.STRtree([t.footprint for t in tiles])
+    loaded: dict[int, Any] = {}
     out = {}
     for detection_id, geometry in zip(detections["detection_id"].astype(str), detections.geometry):
         hits = tree.query(shapely.centroid(geometry), predicate="within")
         if len(hits):
-            out[detection_id] = chips[int(hits[0])]
+            index = int(hits[0])
+            if index not in loaded:
+                loaded[index] = mask_files.read_image_chip(tiles[index].path)
+            out[detection_id] = loaded[index]
     return out
 
 

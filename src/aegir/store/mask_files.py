@@ -170,3 +170,24 @@ def write_polygons(frame, path: str | Path) -> Path:
         path.write_text(frame.to_json(drop_id=True) if len(frame) else json.dumps(
             {"type": "FeatureCollection", "features": []}))
     return path
+
+
+def write_component_box_prompts(images_dir: str | Path, masks_dir: str | Path, path: str | Path) -> int:
+    """A prompt CSV (``filename,xmin,ymin,xmax,ymax``) with one box per connected component of each image's mask
+    (matched by file stem); returns the number of prompts written."""
+    import csv
+
+    from aegir.masks.prompts import mask_component_boxes
+    from aegir.store.image_files import list_image_files, mask_files_by_stem, read_mask
+
+    by_stem = mask_files_by_stem(masks_dir)
+    rows = 0
+    with Path(path).open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["filename", *BOX_COLUMNS])
+        for image in list_image_files(images_dir):
+            if image.stem in by_stem:
+                for box in mask_component_boxes(read_mask(by_stem[image.stem])):
+                    writer.writerow([image.name, *box])
+                    rows += 1
+    return rows

@@ -118,20 +118,23 @@ def _component_polygons(mask: np.ndarray, x_offset: float) -> list:
 def object_and_pixel_scores(checkpoint: str | Path, images_dir: str | Path, masks_dir: str | Path,
                             stems: Iterable[str], threshold: float = 0.5, match_iou: float = 0.5,
                             device: str | None = None) -> dict:
-    """Held-out evaluation against ground-truth masks: pixel metrics (:func:`evaluate_folder`) plus object-level
-    precision / recall / F1 at IoU ≥ ``match_iou`` (:func:`aegir.dataflows.validation.object_level_scores`),
-    objects being the 8-connected components of the predicted and the true masks (pixel units; each image is
-    shifted apart so objects of different images never meet)."""
+    """Held-out evaluation against ground-truth masks, one prediction per image: the pixel metrics of
+    :func:`aegir.utils.mask_metrics.mask_set_metrics` plus ``object``: precision / recall / F1 at IoU ≥
+    ``match_iou`` (:func:`aegir.dataflows.validation.object_level_scores`), objects being the 8-connected
+    components of the predicted and the true masks (pixel units; each image is shifted apart so objects of
+    different images never meet)."""
     from aegir.dataflows.validation import object_level_scores
 
     model = load_rgb_model(checkpoint, device)
     masks = image_files.mask_files_by_stem(masks_dir)
     wanted = [s for s in stems if s in masks]
+    pairs = []
+    for path, chip in _chips(images_dir, [], set(wanted)):
+        pairs.append((path.stem, chip_probability(model, chip) >= threshold,
+                      image_files.read_mask(masks[path.stem]) > 0))
     detections, references = [], []
-    for index, (path, chip) in enumerate(_chips(images_dir, [], set(wanted))):
-        offset = index * 2.0 * (chip.width + 1)
-        detections += _component_polygons(chip_probability(model, chip) >= threshold, offset)
-        references += _component_polygons(image_files.read_mask(masks[path.stem]) > 0, offset)
-    pixel = evaluate_folder(checkpoint, images_dir, masks_dir, stems=wanted, threshold=threshold, model=model)
-    return {"object": object_level_scores(detections, references, match_iou),
-            "pixel_iou": pixel["pixel_iou"], "mean_iou": pixel["mean_iou"], "images": pixel["images"]}
+    for index, (_, pred, truth) in enumerate(pairs):
+        offset = index * 2.0 * (pred.shape[1] + 1)
+        detections += _component_polygons(pred, offset)
+        references += _component_polygons(truth, offset)
+    return mask_set_metrics(pairs) | {"object": object_level_scores(detections, references, match_iou)}
