@@ -5,7 +5,7 @@ SHARED_DATA ?= ../shared/data
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench clean-data
+.PHONY: install browser run test bench clean-data
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,13 @@ run: install
 	$(BIN)/aegir dataset info
 	$(BIN)/aegir flywheel --rounds 2 --out data/flywheel
 
-test: install
+# Debian's chromium + chromium-driver drive the `aegir browse` end-to-end test (installed with apt when run as root).
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else echo "note: install Debian's chromium and chromium-driver for the browser test (needs root)"; fi
+
+test: install browser
 	$(BIN)/python -m pytest -q
 
 bench: install

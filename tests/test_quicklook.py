@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 from typer.testing import CliRunner
@@ -53,3 +55,36 @@ def test_flywheel_summary_plot_renders_every_round(tmp_path):
     assert sum(patch.get_height() for patch in counts.patches) == 442 + 749 + 12 + 6 + 19
     figure.savefig(tmp_path / "plot.png")
     assert Image.open(tmp_path / "plot.png").size == (900, 360)
+
+
+def test_detection_quicklooks_outline_each_detection_in_its_decision_colour(tmp_path):
+    import geopandas as gpd
+    import shapely
+
+    from aegir.pipelines.quicklook import detection_quicklooks
+    from aegir.store import mask_files, region_files
+    from aegir.utils.quicklook import DECISION_COLOURS
+
+    austin = SHARED_DATA / "vhr" / "nrel_panel_segmentation" / "sol-searcher_data_examples"
+    refs, _ = region_files.tile_index(austin)
+    busy, quiet = refs[0], refs[1]
+    chips = {ref.path: mask_files.read_image_chip(ref.path) for ref in (busy, quiet)}
+
+    def box_in(ref, fx0, fy0, fx1, fy1):  # a lon/lat box at fractions of the tile's footprint
+        x0, y0, x1, y1 = ref.footprint.bounds
+        return shapely.box(x0 + fx0 * (x1 - x0), y0 + fy0 * (y1 - y0), x0 + fx1 * (x1 - x0), y0 + fy1 * (y1 - y0))
+
+    geoms = [box_in(busy, .1, .7, .3, .9), box_in(busy, .6, .1, .9, .4), box_in(quiet, .4, .4, .6, .6)]
+    detections = gpd.GeoDataFrame({"detection_id": ["a", "b", "c"]}, geometry=geoms, crs="EPSG:4326")
+    tiles = {"a": chips[busy.path], "b": chips[busy.path], "c": chips[quiet.path]}
+    report = detection_quicklooks(detections, ["accept", "reject", "needs_review"], tiles, tmp_path, max_tiles=1)
+    assert report["tiles"] == 1 and report["written"] == [str(tmp_path / f"{Path(busy.path).stem}.png")]
+    panel = np.asarray(Image.open(report["written"][0]))
+    original = np.moveaxis(chips[busy.path].rgb8(), 0, -1)
+    changed = (panel != original).any(axis=-1)
+    rows, cols = np.nonzero(changed)
+    height, width = changed.shape
+    top_left = (rows < height / 2) & (cols < width / 2)  # north-west box: accepted
+    assert (panel[rows[top_left], cols[top_left]] == DECISION_COLOURS["accept"]).all() and top_left.sum() > 20
+    assert (panel[rows[~top_left], cols[~top_left]] == DECISION_COLOURS["reject"]).all() and (~top_left).sum() > 20
+    assert not changed[height // 4 - 2:height // 4 + 2, width // 4 - 2:width // 4 + 2].any()  # outlines, not fills

@@ -14,7 +14,7 @@ from aegir.config import Settings
 from aegir.store import lance_io
 from aegir.store.chip_codec import decode_chip
 from aegir.utils import geo
-from aegir.utils.quicklook import chip_panel
+from aegir.utils.quicklook import chip_panel, decision_outlines
 from aegir.utils.types import Chip
 
 COLUMNS = ["uuid", "prompt_geometry", "vhr_image_chip", "generated_mask", "metadata"]
@@ -80,3 +80,38 @@ def quicklook_training_data(settings: Settings, uri: str | None, out_dir: str | 
         sheet = out / "contact_sheet.png"
         Image.fromarray(contact_sheet(panels)).save(sheet)
     return {"written": written, "contact_sheet": str(sheet) if sheet else None, "rows": len(rows)}
+
+
+def detection_quicklooks(detections, decisions: list[str], tiles: dict, out_dir: str | Path,
+                         max_tiles: int = 8) -> dict:
+    """``OUT/<tile>.png`` for the ``max_tiles`` tiles holding the most detections, each detection outlined by its
+    validation decision (accept green, reject red, needs_review orange), and ``OUT/contact_sheet.png``.
+
+    ``detections``: GeoDataFrame (EPSG:4326) with ``detection_id``; ``decisions``: one per detection, same order;
+    ``tiles``: detection_id → the tile Chip holding it."""
+    import shapely
+
+    by_tile: dict[str, tuple] = {}
+    for detection_id, geometry, decision in zip(detections["detection_id"].astype(str), detections.geometry,
+                                                decisions):
+        chip = tiles.get(detection_id)
+        if chip is not None:
+            entry = by_tile.setdefault(chip.source, (chip, {}))
+            entry[1].setdefault(decision, []).append(shapely.to_wkb(geometry))
+    busiest = sorted(by_tile.values(), key=lambda e: -sum(map(len, e[1].values())))[:max_tiles]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written, panels = [], []
+    for chip, wkbs in busiest:
+        regions = {d: geo.burn_polygons(chip, w) for d, w in wkbs.items()}
+        rgb = np.ascontiguousarray(np.moveaxis(chip.rgb8(), 0, -1))
+        panel = decision_outlines(rgb, {d: r.astype(bool) for d, r in regions.items() if r is not None})
+        path = out / f"{Path(chip.source).stem}.png"
+        Image.fromarray(panel).save(path)
+        written.append(str(path))
+        panels.append(panel)
+    sheet = None
+    if panels:
+        sheet = out / "contact_sheet.png"
+        Image.fromarray(contact_sheet(panels, columns=min(4, len(panels)))).save(sheet)
+    return {"written": written, "contact_sheet": str(sheet) if sheet else None, "tiles": len(panels)}

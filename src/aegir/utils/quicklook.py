@@ -36,6 +36,24 @@ def chip_panel(rgb: np.ndarray, mask: np.ndarray | None = None, prompt: np.ndarr
     return np.concatenate([left, gap, right], axis=1)
 
 
+DECISION_COLOURS = {"accept": np.array([0, 220, 0], np.uint8), "reject": np.array([255, 40, 40], np.uint8),
+                    "needs_review": np.array([255, 165, 0], np.uint8)}
+
+
+def decision_outlines(rgb: np.ndarray, regions: dict[str, np.ndarray], width: int = 2) -> np.ndarray:
+    """(H, W, 3) uint8: ``rgb`` with each decision's detections outlined in its colour (accept green, reject red,
+    needs_review orange). ``regions`` maps a decision to a (H, W) bool mask of its detections."""
+    from scipy import ndimage as ndi
+
+    out = rgb.copy()
+    for decision, region in regions.items():
+        if region is None or not region.any():
+            continue
+        edge = region & ~ndi.binary_erosion(region, iterations=width, border_value=0)
+        out[edge] = DECISION_COLOURS.get(decision, PROMPT_COLOUR)
+    return out
+
+
 def flywheel_summary_figure(table: list[dict]):
     """A matplotlib Figure of the per-round table: IoU curves (validation, held-out pixel, held-out object F1) and
     detections accepted / rejected / for review as stacked bars."""
