@@ -572,6 +572,25 @@ def quicklook(
     console.print(f"wrote {len(report['written'])} quicklooks and {report['contact_sheet']}", highlight=False)
 
 
+@app.command("browse")
+def browse(
+    ctx: typer.Context,
+    uri: Annotated[Optional[str], typer.Option(help="training_data table location (default: under the LanceDB root).")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind (loopback by default; the page has no login).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8765,
+    version: Annotated[Optional[int], typer.Option(help="Table version the page opens at (default: latest).")] = None,
+) -> None:
+    """Serve a local web page over training_data: a map of chip footprints and a filterable thumbnail grid."""
+    from aegir.browse import make_server, serve
+
+    try:
+        server = make_server(uri, _settings(ctx).lancedb_root, host, port, version, log_requests=True)
+    except (OSError, ducklake.StoreError) as exc:
+        _fail(str(exc))
+    serve(server, lambda url: console.print(f"aegir browse: serving {url}  (Ctrl-C stops)", highlight=False))
+    console.print("stopped", highlight=False)
+
+
 @app.command("dag")
 def dag(out: Annotated[Path, typer.Option(help="Image to write (.png, .svg, .pdf).")] = Path("dag.png")) -> None:
     """Write a picture of the Hamilton DAG of every stage (needs graphviz)."""

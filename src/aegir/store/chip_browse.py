@@ -1,0 +1,230 @@
+"""Read-only queries behind ``aegir browse``: versions, facets, filtered pages of chips with lon/lat footprints, and
+one chip's pixels.
+
+User input never reaches SQL as raw text: an S2 token must be hex and a valid cell of level ≤ 17, a dataset or
+provenance must be one of the table's own facet values, a uuid must be a plain identifier; what passes is quoted
+by :func:`aegir.store.lance_io.build_where_clause`. Bad input raises :class:`BadQuery`.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import lance
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from aegir.store import lance_io
+from aegir.utils import s2geometry
+
+S2_LEVELS = (10, 13, 17)  # the levels stored in metadata.s2_token_l<level>
+MAX_S2_LEVEL = max(S2_LEVELS)
+MAX_PAGE = 500
+NO_MASK = "none"  # provenance facet value of rows without a mask
+_HEX = re.compile(r"[0-9a-f]{1,16}")
+_UUID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+_LIST_COLUMNS = {
+    "uuid": "uuid", "dataset": "metadata.dataset", "sample_id": "metadata.sample_id",
+    "l10": "metadata.s2_token_l10", "l13": "metadata.s2_token_l13", "l17": "metadata.s2_token_l17",
+    "provenance": "metadata.mask_source", "backend": "metadata.provenance.backend",
+    "round": "metadata.provenance.round", "created_at": "metadata.provenance.created_at",
+    "acquired_at": "metadata.acquired_at", "pv_fraction": "metadata.pv_fraction",
+    "lat": "metadata.centroid_lat", "lon": "metadata.centroid_lon", "crs": "metadata.crs",
+    "transform": "metadata.transform", "shape": "metadata.vhr_shape",
+}
+
+
+class BadQuery(lance_io.StoreError):
+    """A filter value, version, uuid or paging parameter that the table does not accept."""
+
+
+@dataclass(frozen=True)
+class ChipFilter:
+    """Browse filters; ``None`` means any. ``s2`` is a token of any level ≤ 17."""
+
+    dataset: str | None = None
+    s2: str | None = None
+    provenance: str | None = None
+
+
+def s2_level(token: str) -> int:
+    """Level of a canonical lower-case S2 ``token`` (≤ 17); :class:`BadQuery` for anything else."""
+    if not _HEX.fullmatch(token):
+        raise BadQuery(f"S2 token {token!r} is not 1-16 lower-case hex digits")
+    try:
+        cell = s2geometry.token_to_cell_id(np.array([token]))
+        level = int(s2geometry.cell_level(cell)[0])
+    except ValueError as exc:
+        raise BadQuery(f"{token!r} is not a valid S2 cell token") from exc
+    if str(s2geometry.cell_id_to_token(cell)[0]) != token:
+        raise BadQuery(f"S2 token {token!r} is not canonical (no trailing zeros)")
+    if level > MAX_S2_LEVEL:
+        raise BadQuery(f"S2 token {token!r} is level {level}; chips carry cells down to level {MAX_S2_LEVEL}")
+    return level
+
+
+def parent_tokens(tokens: Any, level: int) -> np.ndarray:
+    """Tokens at ``level`` of the cells containing the given (finer or equal) cells."""
+    ids = s2geometry.token_to_cell_id(np.asarray(tokens, dtype=str)).astype(np.uint64)
+    lsb = np.uint64(1) << np.uint64(2 * (s2geometry.MAX_LEVEL - level))
+    return np.asarray(s2geometry.cell_id_to_token((ids & ~(lsb * np.uint64(2) - np.uint64(1))) | lsb))
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _footprints(rows: pa.Table) -> list[list[list[float]] | None]:
+    """Chip footprint rings (4 corners, lon/lat) from crs + transform + shape; None where not georeferenced."""
+    from affine import Affine
+    from rasterio.warp import transform as warp
+
+    from aegir.utils.geo import PIXEL_GRID_CRS
+
+    out: list[list[list[float]] | None] = [None] * rows.num_rows
+    crs_values = rows["crs"].to_pylist()
+    pixel_grid = PIXEL_GRID_CRS.to_string()
+    for crs in {c for c in crs_values if c and c != pixel_grid}:
+        idx = [i for i, c in enumerate(crs_values) if c == crs]
+        xs, ys = [], []
+        for i in idx:
+            aff, (_, h, w) = Affine(*rows["transform"][i].as_py()[:6]), rows["shape"][i].as_py()
+            for col, row in ((0, 0), (w, 0), (w, h), (0, h)):
+                x, y = aff @ (col, row)
+                xs.append(x)
+                ys.append(y)
+        lons, lats = warp(crs, "EPSG:4326", xs, ys)
+        for k, i in enumerate(idx):
+            out[i] = [[round(lons[j], 7), round(lats[j], 7)] for j in range(4 * k, 4 * k + 4)]
+    return out
+
+
+def _chip_records(rows: pa.Table) -> list[dict[str, Any]]:
+    footprints = _footprints(rows)
+    records = []
+    for row, footprint in zip(rows.select([c for c in _LIST_COLUMNS if c not in ("crs", "transform", "shape")])
+                              .to_pylist(), footprints):
+        pv = row["pv_fraction"]
+        records.append({
+            "uuid": row["uuid"], "sample_id": row["sample_id"], "dataset": row["dataset"],
+            "s2": {"l10": row["l10"], "l13": row["l13"], "l17": row["l17"]},
+            "provenance": row["provenance"] or NO_MASK, "backend": row["backend"], "round": row["round"],
+            "acquired_at": _iso(row["acquired_at"]), "created_at": _iso(row["created_at"]),
+            "pv_fraction": None if pv is None else round(pv, 5),
+            "centroid": [round(row["lon"], 7), round(row["lat"], 7)], "footprint": footprint,
+        })
+    return records
+
+
+def _s2_cell_ring(token: str) -> list[list[float]]:
+    ring = s2geometry.s2_cell_polygon(token, edge_points=4)
+    ring = ring if ring.geom_type == "Polygon" else max(ring.geoms, key=lambda g: g.area)
+    return [[round(x, 7), round(y, 7)] for x, y in ring.exterior.coords]
+
+
+class BrowseSource:
+    """One ``training_data`` table opened for reading at any of its versions (thread-safe, cached per version)."""
+
+    def __init__(self, uri: str | None, lancedb_root: str) -> None:
+        table = lance_io.open_training_table(uri, lancedb_root, create=False)
+        self.location: str = table.to_lance().uri
+        self._lock = threading.Lock()
+        self._datasets: dict[int, lance.LanceDataset] = {}
+        self._facets: dict[int, dict[str, Any]] = {}
+
+    def versions(self) -> list[dict[str, Any]]:
+        """Every version, oldest first: ``version``, ``timestamp`` (ISO) and ``rows``."""
+        out = []
+        for v in lance.dataset(self.location).versions():
+            rows = (v.get("metadata") or {}).get("total_rows")
+            out.append({"version": int(v["version"]), "timestamp": _iso(v["timestamp"]), "rows": int(rows or 0)})
+        return sorted(out, key=lambda v: v["version"])
+
+    def dataset(self, version: int | None = None) -> lance.LanceDataset:
+        """The table at ``version`` (latest when None); :class:`BadQuery` for a version that does not exist."""
+        if version is None:
+            version = int(lance.dataset(self.location).version)
+        with self._lock:
+            if version in self._datasets:
+                return self._datasets[version]
+        known = [v["version"] for v in self.versions()]
+        if version not in known:
+            raise BadQuery(f"version {version} does not exist (versions: {known[0]}..{known[-1]})")
+        ds = lance.dataset(self.location, version=version)
+        with self._lock:
+            return self._datasets.setdefault(version, ds)
+
+    def facets(self, version: int | None = None) -> dict[str, Any]:
+        """Rows, distinct datasets / provenances / level-10 S2 cells with counts, and the centroid extent."""
+        ds = self.dataset(version)
+        with self._lock:
+            if ds.version in self._facets:
+                return self._facets[ds.version]
+        cols = ds.to_table(columns={"dataset": "metadata.dataset", "provenance": "metadata.mask_source",
+                                    "l10": "metadata.s2_token_l10", "lat": "metadata.centroid_lat",
+                                    "lon": "metadata.centroid_lon"})
+
+        def counts(name: str) -> list[dict[str, Any]]:
+            values = [v or NO_MASK for v in cols[name].to_pylist()]
+            return [{"value": k, "count": n} for k, n in sorted(Counter(values).items())]
+
+        extent = None
+        if cols.num_rows:
+            lon, lat = pc.min_max(cols["lon"]), pc.min_max(cols["lat"])
+            extent = [lon["min"].as_py(), lat["min"].as_py(), lon["max"].as_py(), lat["max"].as_py()]
+        facets = {"version": int(ds.version), "rows": cols.num_rows, "datasets": counts("dataset"),
+                  "provenances": counts("provenance"), "s2_l10": counts("l10"), "extent": extent}
+        with self._lock:
+            return self._facets.setdefault(ds.version, facets)
+
+    def _where(self, facets: dict[str, Any], chip_filter: ChipFilter) -> tuple[dict[str, Any], int | None]:
+        """The store filter dict for ``chip_filter`` and the S2 level that still needs an exact post-filter."""
+        where: dict[str, Any] = {}
+        for name, field, value in (("dataset", "metadata.dataset", chip_filter.dataset),
+                                   ("provenance", "metadata.mask_source", chip_filter.provenance)):
+            if value is None:
+                continue
+            known = [f["value"] for f in facets[f"{name}s"]]
+            if value not in known:
+                raise BadQuery(f"unknown {name} {value!r} (known: {', '.join(known) or 'none'})")
+            where[field] = None if (name == "provenance" and value == NO_MASK) else value
+        if chip_filter.s2 is None:
+            return where, None
+        level = s2_level(chip_filter.s2)
+        stored = max((lv for lv in S2_LEVELS if lv <= level), default=None)
+        if stored is not None:
+            where[f"metadata.s2_token_l{stored}"] = str(parent_tokens([chip_filter.s2], stored)[0])
+        return where, None if level in S2_LEVELS else level
+
+    def chips(self, chip_filter: ChipFilter, version: int | None = None, limit: int = 60,
+              offset: int = 0) -> dict[str, Any]:
+        """One page of matching chips (ordered by dataset, sample id, uuid), the total, and the S2 cell outline."""
+        if not 1 <= limit <= MAX_PAGE or offset < 0:
+            raise BadQuery(f"limit must be 1..{MAX_PAGE} and offset ≥ 0 (got {limit}, {offset})")
+        ds = self.dataset(version)
+        where, exact_level = self._where(self.facets(ds.version), chip_filter)
+        clause = lance_io.build_where_clause(where, ds.schema)
+        rows = ds.to_table(columns=_LIST_COLUMNS, filter=clause)
+        if exact_level is not None and rows.num_rows:
+            inside = parent_tokens(rows["l17"].to_numpy(zero_copy_only=False), exact_level) == chip_filter.s2
+            rows = rows.filter(pa.array(inside))
+        rows = rows.sort_by([("dataset", "ascending"), ("sample_id", "ascending"), ("uuid", "ascending")])
+        return {"version": int(ds.version), "total": rows.num_rows, "offset": offset, "limit": limit,
+                "s2_cell": _s2_cell_ring(chip_filter.s2) if chip_filter.s2 else None,
+                "chips": _chip_records(rows.slice(offset, limit))}
+
+    def chip_row(self, uuid: str, version: int | None = None) -> dict[str, Any] | None:
+        """The pixels, mask and metadata of one chip, or None when no row has ``uuid``."""
+        if not _UUID.fullmatch(uuid):
+            raise BadQuery(f"{uuid[:80]!r} is not a chip uuid")
+        ds = self.dataset(version)
+        clause = lance_io.build_where_clause({"uuid": uuid}, ds.schema)
+        rows = ds.to_table(columns=["uuid", "vhr_image_chip", "generated_mask", "metadata"], filter=clause,
+                           limit=1).to_pylist()
+        return rows[0] if rows else None
