@@ -47,8 +47,16 @@ def test_two_rounds_write_the_per_round_table(flywheel_run):
     assert first["detections"] == first["accepted"] + first["rejected"] + first["needs_review"]
     # round 2 trains on what round 1 backfilled: a later Lance version with more rows
     assert second["data_version"] == first["version_after_backfill"] > first["data_version"]
-    assert second["rows"] == 60 + first["backfilled"] + first["hard_negatives"]
+    assert second["rows"] == 60 + first["backfilled"] + first["hard_negatives"] + first["mined_added"]
     assert 0 <= second["val_iou"] <= 1
+    # the embedding hooks are on by default and reported per round
+    for row in table:
+        assert row["hard_negative_mining"] == row["find_similar_tiles"] == "on"
+        assert row["tile_windows"] == 18  # 2 tiles of 640 px, 256 px windows at 0 / 256 / 384
+        assert row["mined_added"] == row["mined_proposed"] <= 32
+        assert row["cells_reprioritised"] >= 0 and 0 <= row["cell_hit_rate"] <= 1
+    if first["cells_reprioritised"]:  # round 2 planned round 1's boosted cells first
+        assert second["boosted_cells_planned_first"] is True and 0 <= second["boosted_cell_hit_rate"] <= 1
 
 
 def test_backfilled_rows_carry_round_and_source_detection(flywheel_run):
@@ -70,6 +78,58 @@ def test_backfilled_rows_carry_round_and_source_detection(flywheel_run):
         assert decisions[provenance["source_detection"]] == expected
         if row["metadata"]["mask_source"] == "hard_negative":
             assert not any(row["generated_mask"])
+
+
+def test_mined_negatives_in_training_data_carry_their_provenance(flywheel_run):
+    import pyarrow.parquet as pq
+
+    settings, root, _, table, _ = flywheel_run
+    lance_table = lance_io.open_training_table(str(Path(settings.lancedb_root) / "training_data"),
+                                               settings.lancedb_root, create=False)
+    rows = [r for r in lance_table.to_arrow().to_pylist() if r["metadata"]["dataset"] == "flywheel_mined"]
+    proposals = {}
+    for k in (1, 2):
+        path = root / "out" / f"round_{k}" / "mined_negatives.parquet"
+        if path.is_file():
+            proposals.update({p["window_uuid"]: p for p in pq.read_table(path).to_pylist()})
+    assert len(rows) == len(proposals) and len(rows) <= sum(row["mined_added"] for row in table)
+    rejected = {}
+    for k in (1, 2):
+        for d in pq.read_table(root / "out" / f"round_{k}" / "validation.parquet").to_pylist():
+            rejected[d["detection_id"]] = d["decision"]
+    for row in rows:
+        meta = row["metadata"]
+        proposal = proposals[meta["sample_id"]]
+        assert meta["mask_source"] == "mined_negative" and not any(row["generated_mask"])
+        assert meta["provenance"]["round"] == proposal["round"]
+        assert meta["provenance"]["source_detection"] == proposal["source_detection"]
+        assert rejected[proposal["source_detection"]] == "reject"
+        assert json.loads(meta["provenance"]["params_json"])["distance"] == proposal["distance"]
+
+
+def test_switching_the_hooks_off_skips_their_steps(flywheel_run):
+    settings, root, config, table, _ = flywheel_run
+    state_path = root / "out" / "flywheel_state.json"
+    saved = state_path.read_text()
+    state = json.loads(saved)
+    for step in ("embed_tiles", "mine_negatives", "find_similar", "backfill"):
+        del state["rounds"]["2"][step]
+    state_path.write_text(json.dumps(state))
+    off = FlywheelConfig(**{**config.__dict__, "mine_hard_negatives": False, "find_similar_tiles": False})
+    calls = []
+    try:
+        again = run_flywheel(settings, root / "out", 2, off,
+                             on_step=lambda r, s, res, skipped: calls.append((r, s, skipped, res)))
+    finally:
+        state_path.write_text(saved)
+    redone = {s: res for r, s, skipped, res in calls if not skipped}
+    assert list(redone) == ["embed_tiles", "mine_negatives", "find_similar", "backfill"]
+    assert all("skipped" in redone[s] for s in ("embed_tiles", "mine_negatives", "find_similar"))
+    first, second = again
+    assert first["hard_negative_mining"] == "on" and first == table[0]  # round 1 keeps what it did
+    assert second["hard_negative_mining"] == second["find_similar_tiles"] == "off"
+    assert second["mined_proposed"] is None and second["mined_added"] is None
+    assert second["cells_reprioritised"] is None and second["tile_windows"] is None
 
 
 def test_rerun_resumes_without_redoing_finished_steps(flywheel_run):

@@ -676,3 +676,62 @@ def search_similar(
         view.add_row(str(rank), f"{hit['distance']:.5f}", hit["uuid"], str(hit["sample_id"]), str(hit["dataset"]),
                      str(hit["s2_token_l13"]))
     console.print(view)
+
+
+# ---- tile-window embeddings (issue #8: inference tiles, the flywheel's embedding hooks) ---------------------------
+
+
+@infer_app.command("embed-tiles")
+def infer_embed_tiles(
+    ctx: typer.Context,
+    checkpoint: Annotated[Path, typer.Option(help="A checkpoint from `aegir train` (best.ckpt): its encoder embeds.")],
+    tiles: Annotated[Path, typer.Option(help="Folder of region tiles (the imagery `aegir infer region` reads).")],
+    plan_level: Annotated[int, typer.Option(help="S2 level of the grid-plan cells recorded per window.")] = 14,
+    window_px: Annotated[int, typer.Option(help="Window side in pixels.")] = 256,
+    stride_px: Annotated[Optional[int], typer.Option(help="Window step in pixels (default: --window-px).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Windows per encoder call and commit.")] = 32,
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when present).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Embed every window of the region tiles into the tile_embeddings table (footprint, S2 cell); idempotent."""
+    from aegir.pipelines import tile_search
+    from aegir.pipelines.vector_search import load_encoder
+
+    try:
+        report = tile_search.embed_region_tiles(_settings(ctx), load_encoder(checkpoint, device=device), tiles,
+                                                plan_level, window_px, stride_px, batch_size)
+    except (ValueError, FileNotFoundError, ducklake.StoreError) as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps(vars(report), default=str))
+        return
+    console.print(f"{report.table}: {report.windows} windows of {report.tiles} tiles in {report.cells} cells "
+                  f"(region {report.region}), {report.embedded} embedded, {report.skipped_existing} already present; "
+                  f"model {report.model}", highlight=False)
+
+
+@search_app.command("tiles")
+def search_tiles(
+    ctx: typer.Context,
+    image: Annotated[Path, typer.Option(help="An image file to search from.")],
+    checkpoint: Annotated[Path, typer.Option(help="The checkpoint the tiles were embedded with.")],
+    tiles: Annotated[Path, typer.Option(help="The region's tile folder (as given to `aegir infer embed-tiles`).")],
+    k: Annotated[int, typer.Option("-k", "--k", help="Number of windows.")] = 10,
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when present).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """The k region windows nearest to an image (cosine distance), with their tile, offsets and S2 cell."""
+    from aegir.pipelines import tile_search
+
+    try:
+        result = tile_search.similar_tiles(_settings(ctx), checkpoint, tiles, image, k, device)
+    except (ValueError, FileNotFoundError, ducklake.StoreError) as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps(result))
+        return
+    view = Table("rank", "distance", "tile", "col", "row", "cell", title=f"model {result['model']}")
+    for rank, hit in enumerate(result["neighbours"], 1):
+        view.add_row(str(rank), f"{hit['distance']:.5f}", Path(hit["tile_path"]).name, str(hit["window_col"]),
+                     str(hit["window_row"]), hit["cell_token"])
+    console.print(view)

@@ -3,10 +3,14 @@
 Inputs: ``aoi_geometry`` (shapely, EPSG:4326), ``plan_level`` (S2 level of the work cells, e.g. 13 ≈ 1 km),
 ``context_level`` (coarser level whose cell is a work cell's "neighbourhood", e.g. 10 ≈ 8 km),
 ``label_lonlat`` ((N, 2) lon/lat of known PV labels), ``detection_lonlat`` ((M, 2) prior detections) and
-``builtup_by_cell`` (cell token → built-up evidence in [0, 1], e.g. mean NDBI > 0 share; may be empty).
+``builtup_by_cell`` (cell token → built-up evidence in [0, 1], e.g. mean NDBI > 0 share; may be empty) and
+``cell_boosts`` (cell token → boost > 0 from the flywheel's find-more-like-this hook,
+:func:`aegir.dataflows.embedding_hooks.cell_boosts`; may be empty).
 
 Priority = log1p(labels in the cell) + 0.5·log1p(labels in its neighbourhood) + builtup + log1p(prior
-detections): a national run starts where PV is known or likely. Ties break by token, so plans are deterministic.
+detections): a national run starts where PV is known or likely. Boosted cells come before every unboosted cell
+(ordered by boost, then priority): tiles that look like accepted detections are inferred first. Ties break by
+token, so plans are deterministic.
 """
 
 from __future__ import annotations
@@ -69,6 +73,14 @@ def cell_builtup(plan_cells: list[str], builtup_by_cell: dict[str, float]) -> np
     return np.array([float(np.clip(builtup_by_cell.get(t, 0.0), 0.0, 1.0)) for t in plan_cells])
 
 
+def cell_boost(plan_cells: list[str], cell_boosts: dict[str, float]) -> np.ndarray:
+    """Find-more-like-this boost per work cell (0 where none; negative values are an error). Shape (cells,)."""
+    bad = {t: v for t, v in cell_boosts.items() if not np.isfinite(v) or v < 0}
+    if bad:
+        raise ValueError(f"cell boosts must be finite and ≥ 0, got {bad}")
+    return np.array([float(cell_boosts.get(t, 0.0)) for t in plan_cells], dtype=np.float64)
+
+
 def cell_priority(
     cell_label_counts: np.ndarray,
     cell_context_counts: np.ndarray,
@@ -92,9 +104,11 @@ def grid_plan(
     cell_context_counts: np.ndarray,
     cell_builtup: np.ndarray,
     cell_prior_detections: np.ndarray,
+    cell_boost: np.ndarray,
 ) -> pa.Table:
-    """The plan: one row per cell (token, level, priority, evidence, status "pending"), highest priority first."""
-    order = sorted(range(len(plan_cells)), key=lambda i: (-cell_priority[i], plan_cells[i]))
+    """The plan: one row per cell (token, level, priority, evidence, boost, status "pending"), boosted cells first
+    (highest boost first), then highest priority first."""
+    order = sorted(range(len(plan_cells)), key=lambda i: (-cell_boost[i], -cell_priority[i], plan_cells[i]))
     return pa.table(
         {
             "cell_token": pa.array([plan_cells[i] for i in order], pa.string()),
@@ -105,6 +119,7 @@ def grid_plan(
             "context_label_count": pa.array(cell_context_counts[order], pa.int64()),
             "builtup": pa.array(cell_builtup[order], pa.float64()),
             "prior_detections": pa.array(cell_prior_detections[order], pa.int64()),
+            "boost": pa.array(cell_boost[order], pa.float64()),
             "status": pa.array(["pending"] * len(order), pa.string()),
         }
     )

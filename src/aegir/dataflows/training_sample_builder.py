@@ -1,7 +1,8 @@
 """Hamilton dataflow: chips + masks (+ MSI) → rows of the LanceDB ``training_data`` table.
 
 Inputs: ``sample_chips`` (list of :class:`~aegir.utils.types.Chip`, one per sample, each with ``extras["sample_id"]``
-and ``extras["prompt_wkb"]`` — the prompt geometry, WKB, EPSG:4326), ``sample_masks`` (sample_id → (H, W) uint8
+and ``extras["prompt_wkb"]`` — the prompt geometry, WKB, EPSG:4326; optional ``extras["provenance"]``, a dict of
+per-sample provenance merged into ``params_json``), ``sample_masks`` (sample_id → (H, W) uint8
 mask, 0/1, on the chip grid; missing = no mask yet), ``msi_chips`` (sample_id → co-registered Sentinel-2 Chip),
 ``dataset_name``, ``chip_encoding`` ("raw" | "png" | "tiff"), ``mask_source``, ``provenance_params``.
 Output ``training_rows``: an Arrow table in ``TRAINING_DATA_SCHEMA``; ``sample_uuids`` are the lakehouse prompt
@@ -126,7 +127,8 @@ def training_rows(
             "provenance": {
                 "backend": mask_meta["mask_source"],
                 "backend_version": provenance_params.get("backend_version"),
-                "params_json": json.dumps({**provenance_params, "georeferenced": chip.georeferenced}, sort_keys=True),
+                "params_json": json.dumps({**provenance_params, **chip.extras.get("provenance", {}),
+                                           "georeferenced": chip.georeferenced}, sort_keys=True),
                 "round": int(provenance_params.get("round", 0)),
                 "source_detection": chip.extras.get("source_detection"),
                 "created_at": created_at,

@@ -20,6 +20,7 @@ from aegir.config import Settings
 from aegir.dataflows import (
     backfill,
     chip_embeddings,
+    embedding_hooks,
     grid_plan,
     ingest_ducklake_labels,
     label_import,
@@ -27,6 +28,7 @@ from aegir.dataflows import (
     region_inference,
     s2_indexing,
     sam_mask_factory,
+    tile_embeddings,
     training_sample_builder,
     validation,
 )
@@ -46,6 +48,8 @@ STAGES: dict[str, tuple[ModuleType, ...]] = {
     "validation": (validation,),
     "backfill": (backfill,),
     "chip_embeddings": (chip_embeddings,),
+    "tile_embeddings": (tile_embeddings,),
+    "embedding_hooks": (embedding_hooks,),
 }
 
 
@@ -587,9 +591,13 @@ def plan_grid(
     context_level: int = 10,
     label_datasets: Sequence[str] = (),
     builtup_by_cell: dict[str, float] | None = None,
+    cell_boosts: dict[str, float] | None = None,
 ) -> pa.Table:
     """Cover ``aoi`` (EPSG:4326) with level-``plan_level`` S2 cells, rank them by nearby lakehouse labels and
-    prior ``predicted_pv`` detections, and store the plan (table ``grid_plan``) so a run can resume cell by cell."""
+    prior ``predicted_pv`` detections, and store the plan (table ``grid_plan``) so a run can resume cell by cell.
+
+    ``cell_boosts`` (token → boost > 0, from the flywheel's find-more-like-this hook) put those cells first; given
+    for a plan that already exists, they re-rank it (statuses are kept)."""
     import numpy as np
     import shapely
 
@@ -608,9 +616,11 @@ def plan_grid(
             ["grid_plan"],
             {"aoi_geometry": aoi, "plan_level": plan_level, "context_level": context_level,
              "label_lonlat": label_lonlat, "detection_lonlat": detection_lonlat,
-             "builtup_by_cell": builtup_by_cell or {}},
+             "builtup_by_cell": builtup_by_cell or {}, "cell_boosts": cell_boosts or {}},
         )["grid_plan"]
         ducklake.write_grid_plan(con, settings, plan_id, plan)
+        if cell_boosts:
+            ducklake.rerank_grid_plan(con, settings, plan_id, plan)
         return ducklake.read_grid_plan(con, settings, plan_id)
     finally:
         con.close()

@@ -15,8 +15,21 @@ On the embedded defaults the shared data plays these parts:
 - **infer**: region inference over the Austin tiles (their grid from the file names) → detections.
 - **validate**: score and shape checks (no Sentinel-2 scene covers Austin in the shared data, so MSI evidence is
   not required there: ``require_msi = False``), plus agreement with the previous round's detections.
+- **embed_tiles**: every ``backfill_chip_px``² window of the region tiles embedded with the round's encoder into
+  the LanceDB ``tile_embeddings`` table (footprint, S2 cell at ``plan_level``); skipped when both hooks are off.
+- **mine_negatives** (``mine_hard_negatives``): the windows nearest to the rejected detections that touch no
+  accepted / needs-review detection and no label → ``round_<k>/mined_negatives.parquet`` and, with ``add_mined_negatives``, empty-mask
+  chips in ``training_data`` (dataset ``flywheel_mined``, mask source ``mined_negative``).
+- **find_similar** (``find_similar_tiles``): the unlabelled windows nearest to the accepted detections →
+  ``round_<k>/similar_tiles.parquet`` and a boost for the grid-plan cells holding them; the next round's
+  **infer** plans those cells first.
 - **backfill**: accepted detections → chips with masks from the ``model`` backend (the round's checkpoint,
   prompted by each detection's box); rejected → hard-negative chips; one new ``training_data`` version.
+
+The per-round table reports both hooks (``on`` / ``off``, proposed / added negatives, cells re-prioritised) and
+what they did one round later: the share of the previous round's mined windows the new model detects PV in again
+(``mined_redetected_share``), and the share of boosted cells holding an accepted detection against the share of
+all cells (``boosted_cell_hit_rate`` vs ``cell_hit_rate``).
 """
 
 from __future__ import annotations
@@ -30,7 +43,8 @@ from typing import Any, Callable
 
 from aegir.config import Settings
 
-STEPS = ("ingest", "masks", "dataset", "train", "infer", "validate", "backfill")
+STEPS = ("ingest", "masks", "dataset", "train", "infer", "validate", "embed_tiles", "mine_negatives",
+         "find_similar", "backfill")
 
 
 @dataclass
@@ -51,6 +65,14 @@ class FlywheelConfig:
     max_backfill: int = 64  # accepted detections backfilled per round (highest score first)
     max_hard_negatives: int = 64  # rejected detections kept as hard negatives per round (highest score first)
     import_labels: bool = True
+    plan_level: int = 14  # S2 level of the region's grid-plan cells (inference and tile embeddings)
+    # embedding hooks (issue #8); windows and query crops are backfill_chip_px² pixels
+    mine_hard_negatives: bool = True  # (a) tile windows nearest to rejected detections → negatives
+    mine_k: int = 5  # nearest windows per rejected detection
+    max_mined_negatives: int = 32  # per round, nearest first
+    add_mined_negatives: bool = True  # write them as empty-mask chips to training_data (else proposals only)
+    find_similar_tiles: bool = True  # (b) cells of windows nearest to accepted detections → inferred first
+    similar_k: int = 5  # nearest unlabelled windows per accepted detection
     train_overrides: dict[str, Any] = field(default_factory=dict)  # any other TrainConfig field, e.g. encoder
 
     def resolved(self, settings: Settings) -> "FlywheelConfig":

@@ -15,6 +15,7 @@ from aegir.config import Settings
 
 SEED_DATASET = "jiang_pv01"
 BACKFILL_DATASET = "flywheel_backfill"
+MINED_DATASET = "flywheel_mined"
 
 
 @dataclass
@@ -119,15 +120,32 @@ def step_train(context: RoundContext) -> dict:
             "val_iou": result.best_metrics.get("val/iou"), "val_mean_iou": result.best_metrics.get("val/mean_iou")}
 
 
+def _previous_boosts(context: RoundContext) -> dict[str, float]:
+    """Cell boosts the previous round's find_similar step made (empty in round 1 or when it was off)."""
+    if context.round_index == 1:
+        return {}
+    previous = context.state.result(context.round_index - 1, "find_similar") or {}
+    return dict(previous.get("boosts") or {})
+
+
 def step_infer(context: RoundContext) -> dict:
-    """Region inference over the region tiles with this round's checkpoint."""
+    """Region inference over the region tiles with this round's checkpoint; cells the previous round's
+    find_similar step boosted are planned (and run) first."""
     from aegir.pipelines import region
+    from aegir.store import ducklake
 
     cfg = context.config
     checkpoint = context.earlier("train")["checkpoint"]
+    boosts = _previous_boosts(context)
     report = region.infer_region(context.settings, checkpoint, context.round_dir / "infer",
-                                 tiles_dir=cfg.region_tiles, pv_threshold=cfg.infer_threshold)
-    return _jsonable(report)
+                                 tiles_dir=cfg.region_tiles, pv_threshold=cfg.infer_threshold,
+                                 plan_level=cfg.plan_level, cell_boosts=boosts)
+    con = ducklake.connect(context.settings)
+    try:
+        order = ducklake.read_grid_plan(con, context.settings, report.plan_id)["cell_token"].to_pylist()
+    finally:
+        con.close()
+    return _jsonable(report) | {"boosted_ranks": {t: order.index(t) for t in boosts if t in order}}
 
 
 def _jsonable(report: Any) -> dict:
@@ -195,6 +213,99 @@ def _accepted_geometries(context: RoundContext, round_index: int) -> list:
     return [g for g, d in zip(detections.geometry, decisions) if d == "accept"]
 
 
+def _encoder(context: RoundContext):
+    from aegir.training.embedder import encoder_from_checkpoint
+
+    return encoder_from_checkpoint(context.earlier("train")["checkpoint"], "cpu")
+
+
+def step_embed_tiles(context: RoundContext) -> dict:
+    """Every ``backfill_chip_px``² window of the region tiles embedded with this round's encoder (idempotent: a
+    resumed step embeds only the windows still missing); skipped when both embedding hooks are off."""
+    from aegir.pipelines import tile_search
+
+    cfg = context.config
+    if not (cfg.mine_hard_negatives or cfg.find_similar_tiles):
+        return {"skipped": "mine_hard_negatives and find_similar_tiles are false"}
+    report = tile_search.embed_region_tiles(context.settings, _encoder(context), cfg.region_tiles, cfg.plan_level,
+                                            cfg.backfill_chip_px)
+    return {"model": report.model, "region": report.region, "windows": report.windows,
+            "embedded": report.embedded, "skipped_existing": report.skipped_existing, "cells": report.cells,
+            "version": report.version}
+
+
+def _validated(context: RoundContext):
+    """(detections, validation decisions, detection_id → tile Chip) of this round."""
+    detections = _detections(context)
+    decisions = pq.read_table(context.earlier("validate")["decisions"])
+    tiles = _detection_tiles(detections, Path(context.config.region_tiles)) if len(detections) else {}
+    return detections, decisions, tiles
+
+
+def step_mine_negatives(context: RoundContext) -> dict:
+    """Hook (a): the tile windows nearest (cosine, this round's encoder) to the rejected detections, proposed as
+    negatives in ``round_<k>/mined_negatives.parquet`` with their provenance (round, source detection, distance).
+
+    With ``add_mined_negatives`` they also become empty-mask chips in ``training_data`` (dataset
+    ``flywheel_mined``, mask source ``mined_negative``, provenance.round / source_detection / params_json distance).
+    Why writing them unreviewed is acceptable here: a proposed window touches no accepted or needs-review detection
+    of this round's model and no known PV label, so whatever the model saw as PV there was rejected by validation
+    and an all-background mask agrees with every judgement made on it; the windows nearest to a confirmed false
+    positive are exactly the confusers worth a background label. The residual risk — PV the model missed
+    entirely — is bounded by ``max_mined_negatives`` per round, measured one round later
+    (``mined_redetected_share``: the share of mined windows the next model detects PV in again) and reversible:
+    every such row is findable by its mask source and round. Set ``add_mined_negatives = false`` to keep them as
+    proposals only.
+    """
+    from aegir import pipelines
+    from aegir.pipelines import tile_search
+
+    cfg = context.config
+    if not cfg.mine_hard_negatives:
+        return {"skipped": "mine_hard_negatives = false"}
+    detections, decisions, tiles = _validated(context)
+    if "reject" not in decisions["decision"].to_pylist():
+        return {"proposed": 0, "added": 0, "mean_distance": None}
+    proposals = tile_search.mine_hard_negatives(
+        context.settings, _encoder(context), detections, decisions, tiles, cfg.region_tiles, cfg.backfill_chip_px,
+        cfg.mine_k, cfg.max_mined_negatives, cfg.max_hard_negatives, context.round_index)
+    path = context.round_dir / "mined_negatives.parquet"
+    pq.write_table(proposals, path)
+    added = 0
+    if cfg.add_mined_negatives and proposals.num_rows:
+        chips = tile_search.window_chips(proposals, cfg.region_tiles)
+        masks = {c.extras["sample_id"]: np.zeros((c.height, c.width), np.uint8) for c in chips}
+        params = {"round": context.round_index, "model_checkpoint": context.earlier("train")["checkpoint"],
+                  "backend_version": "embedding-nearest-window"}
+        pipelines._write_training_batch(_table(context), chips, masks, {}, MINED_DATASET, "raw", "mined_negative",
+                                        params)
+        added = len(chips)
+    distances = proposals["distance"].to_numpy()
+    return {"proposed": proposals.num_rows, "added": added, "proposals": str(path),
+            "mean_distance": float(distances.mean()) if len(distances) else None,
+            "version": int(_table(context).version)}
+
+
+def step_find_similar(context: RoundContext) -> dict:
+    """Hook (b): the unlabelled tile windows nearest to the accepted detections (``round_<k>/similar_tiles.parquet``)
+    and a boost for each grid-plan cell holding them; the next round's infer step plans those cells first."""
+    from aegir.pipelines import tile_search
+
+    cfg = context.config
+    if not cfg.find_similar_tiles:
+        return {"skipped": "find_similar_tiles = false"}
+    detections, decisions, tiles = _validated(context)
+    if "accept" not in decisions["decision"].to_pylist():
+        return {"similar_windows": 0, "cells_reprioritised": 0, "boosts": {}}
+    hits, boosts = tile_search.find_similar_tiles(
+        context.settings, _encoder(context), detections, decisions, tiles, cfg.region_tiles, cfg.backfill_chip_px,
+        cfg.similar_k, cfg.max_backfill, context.round_index)
+    path = context.round_dir / "similar_tiles.parquet"
+    pq.write_table(hits, path)
+    return {"similar_windows": hits.num_rows, "cells_reprioritised": len(boosts), "boosts": boosts,
+            "hits": str(path)}
+
+
 def step_backfill(context: RoundContext) -> dict:
     """Accepted detections → chips + model-refined masks, rejected → hard negatives; one upsert each."""
     from aegir import pipelines
@@ -246,6 +357,48 @@ def _detection_tiles(detections, tiles_dir: Path) -> dict[str, Any]:
     return out
 
 
+def _hook_effects(context: RoundContext) -> dict:
+    """What the previous round's hooks did in this round: the share of its mined windows this round's model
+    detects PV in again, and the share of its boosted cells holding an accepted detection (vs all cells)."""
+    import shapely
+
+    out = {"mined_redetected_share": None, "boosted_cell_hit_rate": None, "cell_hit_rate": None}
+    detections = _detections(context)
+    decisions = pq.read_table(context.earlier("validate")["decisions"])["decision"].to_pylist()
+    accepted_cells = {c for c, d in zip(detections.get("cell_token", []), decisions) if d == "accept"}
+    cells = context.earlier("infer").get("cells") or 0
+    out["cell_hit_rate"] = len(accepted_cells) / cells if cells else None
+    if context.round_index == 1:
+        return out
+    mined = (context.state.result(context.round_index - 1, "mine_negatives") or {}).get("proposals")
+    if mined and Path(mined).is_file():
+        windows = shapely.from_wkb(pq.read_table(mined, columns=["footprint_wkb"])["footprint_wkb"].to_pylist())
+        if len(windows):
+            tree = shapely.STRtree(list(detections.geometry))
+            hit = {int(i) for i in tree.query(windows, predicate="intersects")[0]} if len(detections) else set()
+            out["mined_redetected_share"] = len(hit) / len(windows)
+    boosted = _previous_boosts(context)
+    if boosted:
+        out["boosted_cell_hit_rate"] = len(accepted_cells & set(boosted)) / len(boosted)
+    return out
+
+
+def _hook_columns(context: RoundContext) -> dict:
+    """The per-round table's embedding-hook columns ("off" and None when a hook's step was skipped)."""
+    embed = context.state.result(context.round_index, "embed_tiles") or {}
+    mine = context.state.result(context.round_index, "mine_negatives") or {"skipped": "not run"}
+    similar = context.state.result(context.round_index, "find_similar") or {"skipped": "not run"}
+    ranks = context.earlier("infer").get("boosted_ranks") or {}
+    return {"tile_windows": embed.get("windows"),
+            "hard_negative_mining": "off" if "skipped" in mine else "on",
+            "mined_proposed": mine.get("proposed"), "mined_added": mine.get("added"),
+            "mined_mean_distance": mine.get("mean_distance"),
+            "find_similar_tiles": "off" if "skipped" in similar else "on",
+            "cells_reprioritised": similar.get("cells_reprioritised"),
+            "boosted_cells_planned_first": (sorted(ranks.values()) == list(range(len(ranks)))) if ranks else None,
+            **_hook_effects(context)}
+
+
 def round_summary(context: RoundContext) -> dict:
     """One row of the per-round table."""
     dataset, train = context.earlier("dataset"), context.earlier("train")
@@ -256,4 +409,5 @@ def round_summary(context: RoundContext) -> dict:
             "held_out_object_f1": validate["held_out"]["object"]["f1"],
             "detections": validate["detections"], "accepted": validate["accepted"], "rejected": validate["rejected"],
             "needs_review": validate["needs_review"], "backfilled": backfill["backfilled"],
-            "hard_negatives": backfill["hard_negatives"], "version_after_backfill": backfill["version"]}
+            "hard_negatives": backfill["hard_negatives"], "version_after_backfill": backfill["version"],
+            **_hook_columns(context)}

@@ -188,12 +188,15 @@ def infer_region(
     progress: Callable[[int, int], None] | None = None,
     model: Any = None,
     device: str | None = None,
+    cell_boosts: dict[str, float] | None = None,
 ) -> RegionReport:
     """PV probabilities and detections for the tiles of ``tiles_dir`` (all of them, or the S2 cells of level
     ``plan_level`` covering ``aoi``: a vector/WKT file, a bbox string or a shapely geometry, EPSG:4326).
 
     ``progress(done, total)`` is called per cell. ``model`` overrides loading ``checkpoint`` (the checkpoint is
-    still the provenance). Raises ValueError / FileNotFoundError for unusable inputs, :class:`NoImageryError`
+    still the provenance). ``cell_boosts`` (S2 token at ``plan_level`` → boost > 0, the flywheel's
+    find-more-like-this hook) are processed before every other cell. Raises ValueError / FileNotFoundError for
+    unusable inputs, :class:`NoImageryError`
     when no tile overlaps the AOI.
     """
     started = time.perf_counter()
@@ -203,7 +206,8 @@ def infer_region(
         raise FileNotFoundError(f"{checkpoint}: no such checkpoint")
     plan_id = region_plan_id(tiles, region, plan_level, checkpoint,
                              (tile_px, overlap_px, pv_threshold, context_px, min_detection_px))
-    plan = plan_grid(settings, plan_id, region, plan_level=plan_level, context_level=max(plan_level - 3, 0))
+    plan = plan_grid(settings, plan_id, region, plan_level=plan_level, context_level=max(plan_level - 3, 0),
+                     cell_boosts=cell_boosts)
     _check_imagery(settings, plan, plan_id, region, str(aoi), tiles, tiles_dir)
     out = Path(out_dir)
     report = RegionReport(plan_id, str(out), plan.num_rows, tiles_skipped=tiles_skipped)

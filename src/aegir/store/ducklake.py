@@ -389,6 +389,7 @@ def write_grid_plan(con: duckdb.DuckDBPyConnection, settings: Settings, plan_id:
             con.execute(f"CREATE TABLE {target} AS {view}", [plan_id])
             added = plan.num_rows
         else:
+            _add_missing_columns(con, settings, PLAN_TABLE, "aegir_incoming_plan")  # e.g. ``boost`` on old plans
             before = con.execute(f"SELECT count(*) FROM {target}").fetchone()[0]
             con.execute(
                 f"INSERT INTO {target} BY NAME SELECT * FROM ({view}) incoming "
@@ -398,6 +399,25 @@ def write_grid_plan(con: duckdb.DuckDBPyConnection, settings: Settings, plan_id:
             )
             added = con.execute(f"SELECT count(*) FROM {target}").fetchone()[0] - before
     return added
+
+
+PLAN_RANKING_COLUMNS = ("rank", "priority", "label_count", "context_label_count", "builtup", "prior_detections",
+                        "boost")
+
+
+def rerank_grid_plan(con: duckdb.DuckDBPyConnection, settings: Settings, plan_id: str, plan: pa.Table) -> int:
+    """Give the stored cells of ``plan_id`` the ranking columns (rank, priority, evidence, boost) of a freshly
+    computed ``plan``, in one transaction; status, attempts and messages are kept. Returns the cells updated."""
+    target = _qualified(settings, PLAN_TABLE)
+    columns = [c for c in PLAN_RANKING_COLUMNS if c in plan.column_names]
+    incoming = plan.select(["cell_token", *columns])
+    with _transaction_with(con, "aegir_incoming_ranks", incoming):
+        _add_missing_columns(con, settings, PLAN_TABLE, "aegir_incoming_ranks")
+        sets = ", ".join(f'"{c}" = i."{c}"' for c in columns)
+        con.execute(f"UPDATE {target} SET {sets}, updated_at = now() FROM aegir_incoming_ranks i "
+                    f"WHERE {target}.plan_id = ? AND {target}.cell_token = i.cell_token", [plan_id])
+        return con.execute(f"SELECT count(*) FROM {target} t JOIN aegir_incoming_ranks i USING (cell_token) "
+                           f"WHERE t.plan_id = ?", [plan_id]).fetchone()[0]
 
 
 def read_grid_plan(

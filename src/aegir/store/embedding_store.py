@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import re
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import lancedb
@@ -173,8 +174,10 @@ def stored_vector(table: lancedb.table.Table, uuid: str, model: str) -> np.ndarr
 
 
 def ensure_indexes(table: lancedb.table.Table, index_type: str = "IVF_PQ", num_partitions: int | None = None,
-                   num_sub_vectors: int | None = None, min_rows: int = MIN_INDEX_ROWS) -> dict[str, Any]:
-    """BTREE indexes on the filter columns, and the vector index when the table has ``min_rows`` rows or more.
+                   num_sub_vectors: int | None = None, min_rows: int = MIN_INDEX_ROWS,
+                   scalar_columns: Sequence[str] = SCALAR_INDEX_COLUMNS) -> dict[str, Any]:
+    """BTREE indexes on the filter columns (``scalar_columns``), and the vector index when the table has
+    ``min_rows`` rows or more.
 
     Returns ``{"rows", "vector_index": "IVF_PQ"|… or None, "search": "ann"|"exact", "num_partitions", …}``.
     """
@@ -183,7 +186,7 @@ def ensure_indexes(table: lancedb.table.Table, index_type: str = "IVF_PQ", num_p
     if rows == 0:
         return info
     existing = {tuple(idx.columns): idx for idx in table.list_indices()}
-    for column in SCALAR_INDEX_COLUMNS:
+    for column in scalar_columns:
         idx = existing.get((column,))
         if idx is None or idx.num_unindexed_rows:
             table.create_index(column, config=BTree(), replace=True)
@@ -312,12 +315,22 @@ def search_vectors(table: lancedb.table.Table, vector: np.ndarray, k: int = 10,
     ``exact`` (or a table without a vector index) scans every matching vector; otherwise the IVF index is probed
     (``nprobes`` partitions) and ``k × refine_factor`` candidates are re-ranked with exact distances.
     """
+    clause = filter_clause(filters or {}, model, table.schema, exclude_uuids)
+    rows = _nearest(table, vector, k, clause, RESULT_COLUMNS, exact, nprobes, refine_factor)
+    for row in rows:
+        if row.get("acquired_at") is not None:
+            row["acquired_at"] = row["acquired_at"].isoformat()
+    return rows
+
+
+def _nearest(table: lancedb.table.Table, vector: np.ndarray, k: int, clause: str | None, columns: list[str],
+             exact: bool, nprobes: int, refine_factor: int | None) -> list[dict[str, Any]]:
+    """``k`` rows nearest to ``vector`` (cosine) among those matching the SQL ``clause`` (pre-filter)."""
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise StoreError(f"k must be a positive integer, got {k!r}")
     vector = np.asarray(vector, dtype=np.float32).reshape(-1)
     if vector.shape[0] != vector_dim(table.schema):
         raise StoreError(f"query vector has {vector.shape[0]} values, the table {vector_dim(table.schema)}")
-    clause = filter_clause(filters or {}, model, table.schema, exclude_uuids)
     query = table.search(vector, vector_column_name="vector").distance_type("cosine").limit(k)
     if clause:
         query = query.where(clause, prefilter=True)
@@ -327,10 +340,90 @@ def search_vectors(table: lancedb.table.Table, vector: np.ndarray, k: int = 10,
         query = query.nprobes(nprobes)
         if refine_factor:
             query = query.refine_factor(refine_factor)
-    hits = query.select(RESULT_COLUMNS).to_arrow()
-    rows = hits.to_pylist()
+    rows = query.select(columns).to_arrow().to_pylist()
     for row in rows:
         row["distance"] = float(row.pop("_distance"))
-        if row.get("acquired_at") is not None:
-            row["acquired_at"] = row["acquired_at"].isoformat()
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tile_embeddings: windows of the imagery that region inference reads
+#
+# A second table, not a ``source`` column on chip_embeddings: tile windows have no training row (no uuid in
+# training_data, no dataset / sample_id / acquisition time) but do have a footprint, a tile file, pixel offsets and
+# the S2 cell of the grid plan that holds them. One table per kind keeps both schemas non-null where it matters,
+# keeps `aegir search similar` (chips) from ever returning tile windows, and lets each table carry its own indexes.
+
+DEFAULT_TILE_EMBEDDINGS_TABLE = "tile_embeddings"
+TILE_SCALAR_INDEX_COLUMNS = ("uuid", "model", "region", "cell_token")
+TILE_RESULT_COLUMNS = ["uuid", "model", "region", "tile_path", "window_col", "window_row", "window_px",
+                       "footprint_wkb", "plan_level", "cell_token", "centroid_lon", "centroid_lat", "_distance"]
+
+
+def tile_embeddings_schema(dim: int) -> pa.Schema:
+    """The ``tile_embeddings`` schema: one ``dim``-vector per (window uuid, model); footprint WKB in EPSG:4326."""
+    base = embeddings_schema(dim)
+    return pa.schema([
+        base.field("uuid"), base.field("model"), base.field("vector"),
+        pa.field("model_checkpoint", pa.string()),
+        pa.field("model_data_version", pa.int64()),
+        pa.field("embedded_at", _UTC_US),
+        pa.field("region", pa.string(), nullable=False),  # region key of the tile folder (see region_key)
+        pa.field("tiles_dir", pa.string()),
+        pa.field("tile_path", pa.string(), nullable=False),
+        pa.field("window_col", pa.int32(), nullable=False),  # pixel offset of the window in its tile
+        pa.field("window_row", pa.int32(), nullable=False),
+        pa.field("window_px", pa.int32(), nullable=False),  # side of the square window, pixels
+        pa.field("footprint_wkb", pa.binary(), nullable=False),  # EPSG:4326 polygon
+        pa.field("centroid_lon", pa.float64()),
+        pa.field("centroid_lat", pa.float64()),
+        pa.field("plan_level", pa.int32(), nullable=False),
+        pa.field("cell_token", pa.string(), nullable=False),  # S2 cell at plan_level holding the centroid
+        pa.field("s2_token_l13", pa.string()),
+        pa.field("s2_token_l17", pa.string()),
+    ])
+
+
+def region_key(tiles_dir: str | Path) -> str:
+    """``region_<sha1[:12]>`` of the tile folder's absolute path: the filter value of one region's windows."""
+    import hashlib
+
+    return "region_" + hashlib.sha1(str(Path(tiles_dir).absolute()).encode()).hexdigest()[:12]
+
+
+def open_tile_embeddings_table(root: str, name: str = DEFAULT_TILE_EMBEDDINGS_TABLE, dim: int | None = None
+                               ) -> lancedb.table.Table:
+    """Open ``root/name`` (a tile_embeddings table); create it for ``dim``-vectors when missing and ``dim`` given."""
+    db = lancedb.connect(root)
+    try:
+        table = db.open_table(name)
+    except (ValueError, FileNotFoundError) as exc:
+        if dim is None:
+            raise StoreError(f"no tile embeddings table {name!r} under {root} "
+                             f"(run `aegir infer embed-tiles` first)") from exc
+        return db.create_table(name, schema=tile_embeddings_schema(dim), exist_ok=True)
+    missing = [f.name for f in tile_embeddings_schema(1) if f.name not in table.schema.names]
+    if missing:
+        raise StoreError(f"{root}/{name} is not a tile_embeddings table (missing {missing})")
+    if dim is not None and vector_dim(table.schema) != dim:
+        raise StoreError(f"{root}/{name} holds {vector_dim(table.schema)}-d vectors, this model makes {dim}-d; "
+                         f"use another table name for it")
+    return table
+
+
+def tile_windows(table: lancedb.table.Table, model: str, region: str,
+                 columns: Sequence[str] = ("uuid", "footprint_wkb", "cell_token")) -> pa.Table:
+    """The stored windows of one ``region`` from ``model`` (``columns`` of them, e.g. add ``vector``)."""
+    clause = build_where_clause({"model": model, "region": region}, table.schema)
+    return table.search().where(clause).select(list(columns)).limit(None).to_arrow()
+
+
+def search_tile_windows(table: lancedb.table.Table, vector: np.ndarray, k: int, model: str, region: str,
+                        exclude_uuids: Sequence[str] = (), exact: bool = True) -> list[dict[str, Any]]:
+    """The ``k`` windows of ``region`` nearest to ``vector`` (cosine distance, ascending), pre-filtered to the
+    model and region and without ``exclude_uuids``. ``exact`` by default: one region holds few windows."""
+    clause = build_where_clause({"model": model, "region": region}, table.schema)
+    if exclude_uuids:
+        quoted = ", ".join("'" + _safe_value("uuid", u) + "'" for u in exclude_uuids)
+        clause = f"{clause} AND (uuid NOT IN ({quoted}))"
+    return _nearest(table, vector, k, clause, TILE_RESULT_COLUMNS, exact, DEFAULT_NPROBES, DEFAULT_REFINE)

@@ -287,6 +287,21 @@ def chip_centred_on(tile: Chip, point_lonlat, size_px: int) -> Chip:
                                transform=tile.transform @ Affine.translation(col0, row0))
 
 
+def chip_window(tile: Chip, col: int, row: int, size_px: int) -> Chip:
+    """The ``size_px``² window of ``tile`` whose top-left pixel is (``col``, ``row``); parts outside the tile are
+    zero and marked invalid; the window keeps the tile's CRS with its own transform."""
+    import dataclasses
+
+    pixels = np.zeros((tile.pixels.shape[0], size_px, size_px), dtype=tile.pixels.dtype)
+    part = tile.pixels[:, row : row + size_px, col : col + size_px]
+    pixels[:, : part.shape[1], : part.shape[2]] = part
+    valid = np.zeros((size_px, size_px), dtype=bool)
+    tile_valid = np.ones((tile.height, tile.width), bool) if tile.valid is None else tile.valid
+    valid[: part.shape[1], : part.shape[2]] = tile_valid[row : row + size_px, col : col + size_px]
+    return dataclasses.replace(tile, pixels=pixels, valid=None if valid.all() else valid,
+                               transform=tile.transform @ Affine.translation(col, row), extras={})
+
+
 def burn_polygons(chip: Chip, polygons_wkb: list[bytes]) -> np.ndarray | None:
     """(H, W) uint8 0/1 mask of the (EPSG:4326, WKB) polygons on the chip grid; None when none is areal."""
     import shapely
