@@ -59,6 +59,22 @@ def test_two_rounds_write_the_per_round_table(flywheel_run):
         assert second["boosted_cells_planned_first"] is True and 0 <= second["boosted_cell_hit_rate"] <= 1
 
 
+def test_each_round_writes_quicklooks_of_its_detections_and_backfill(flywheel_run):
+    from PIL import Image
+
+    _, root, _, table, _ = flywheel_run
+    for row in table:
+        looks = root / "out" / f"round_{row['round']}" / "quicklooks"
+        if row["detections"]:
+            tiles = sorted((looks / "detections").glob("*.png"))
+            assert (looks / "detections" / "contact_sheet.png") in tiles
+            assert {p.stem for p in tiles} - {"contact_sheet"} <= {p.stem for p in AUSTIN.glob("*.png")}
+        if row["backfilled"] + row["hard_negatives"]:
+            panels = [p for p in (looks / "backfill").glob("*.png") if p.stem != "contact_sheet"]
+            assert 0 < len(panels) <= min(16, row["backfilled"] + row["hard_negatives"])
+            assert Image.open(panels[0]).size == (2 * 256 + 4, 256)  # chip | mask overlay of a 256 px backfill chip
+
+
 def test_backfilled_rows_carry_round_and_source_detection(flywheel_run):
     settings, root, _, table, _ = flywheel_run
     lance_table = lance_io.open_training_table(str(Path(settings.lancedb_root) / "training_data"),

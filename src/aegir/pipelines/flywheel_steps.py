@@ -333,7 +333,23 @@ def step_backfill(context: RoundContext) -> dict:
             pipelines._write_training_batch(table, chips, masks, {}, BACKFILL_DATASET, "raw", source, params)
             written[key] = len(chips)
     table = _table(context)
-    return written | {"version": int(table.version), "rows": table.count_rows()}
+    looks = _round_quicklooks(context, detections, decisions, tiles)
+    return written | {"version": int(table.version), "rows": table.count_rows(), "quicklooks": looks}
+
+
+def _round_quicklooks(context: RoundContext, detections, decisions: pa.Table, tiles: dict) -> dict:
+    """``round_<k>/quicklooks/detections/`` (the busiest tiles, detections outlined by decision) and
+    ``round_<k>/quicklooks/backfill/`` (this round's backfilled and hard-negative chips with their masks)."""
+    from aegir.pipelines.quicklook import detection_quicklooks, quicklook_training_data
+
+    out = context.round_dir / "quicklooks"
+    by_id = dict(zip(decisions["detection_id"].to_pylist(), decisions["decision"].to_pylist()))
+    ordered = [by_id.get(i, "needs_review") for i in detections["detection_id"].astype(str)]
+    shown = detection_quicklooks(detections, ordered, tiles, out / "detections")
+    backfill = quicklook_training_data(context.settings, context.table_uri, out / "backfill",
+                                       {"metadata.dataset": BACKFILL_DATASET,
+                                        "metadata.provenance.round": context.round_index}, limit=16)
+    return {"detections": shown["contact_sheet"], "backfill": backfill["contact_sheet"]}
 
 
 def _detection_tiles(detections, tiles_dir: Path) -> dict[str, Any]:
