@@ -517,7 +517,7 @@ def infer_region(
 @app.command("flywheel")
 def flywheel(
     ctx: typer.Context,
-    rounds: Annotated[int, typer.Option(help="Rounds of ingest → masks → dataset → train → infer → validate → backfill.")] = 2,
+    rounds: Annotated[int, typer.Option(help="Rounds of ingest → masks → dataset → train → infer → validate → embed tiles → mine negatives → find similar → backfill.")] = 2,
     out: Annotated[Path, typer.Option(help="Run folder: flywheel_state.json (resume), flywheel_rounds.csv/json, round_<k>/.")] = Path("data/flywheel"),
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML [flywheel] table of FlywheelConfig fields.")] = None,
 ) -> None:
@@ -533,18 +533,26 @@ def flywheel(
     except (ValueError, FileNotFoundError, RuntimeError, ducklake.StoreError) as exc:
         _fail(str(exc))
     view = Table("round", "rows", "version", "masks by source", "val IoU", "test IoU", "test obj. F1", "detections",
-                 "accepted", "rejected", "review", "backfilled", "hard neg.", "version after")
+                 "accepted", "rejected", "review", "backfilled", "hard neg.", "mined neg.", "cells boosted",
+                 "boosted hit rate", "version after")
 
     def fmt(value) -> str:
         return "-" if value is None else f"{value:.3f}"
+
+    def hook(row: dict, switch: str, value) -> str:
+        return "off" if row.get(switch) == "off" else str(value if value is not None else "-")
 
     for row in table:
         masks = ", ".join(f"{k} {v}" for k, v in row["masks_by_source"].items())
         view.add_row(*map(str, (row["round"], row["rows"], row["data_version"], masks, fmt(row["val_iou"]),
                                 fmt(row["held_out_pixel_iou"]), fmt(row["held_out_object_f1"]), row["detections"],
                                 row["accepted"], row["rejected"], row["needs_review"], row["backfilled"],
-                                row["hard_negatives"], row["version_after_backfill"])))
-    console.print(view, width=max(console.width, 180))
+                                row["hard_negatives"], hook(row, "hard_negative_mining", row.get("mined_added")),
+                                hook(row, "find_similar_tiles", row.get("cells_reprioritised")),
+                                hook(row, "find_similar_tiles", fmt(row.get("boosted_cell_hit_rate"))),
+                                row["version_after_backfill"])))
+    Console(width=max(console.width, 210), file=console.file).print(view)  # wide: one line per round
+    console.print(f"quicklooks: {out / 'round_<k>' / 'quicklooks'}", highlight=False)
     console.print(f"per-round table: {out / 'flywheel_rounds.csv'}", highlight=False)
 
 
