@@ -36,8 +36,6 @@
 
 # %%
 import json
-import os
-import shutil
 import sys
 import time
 import warnings
@@ -45,25 +43,20 @@ from pathlib import Path
 
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto without ipywidgets
 
-import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from IPython.display import Image, display
+from IPython.display import display
 from PIL import Image as PILImage
 
 from aegir import pipelines
 from aegir.config import load_settings
+from aegir.utils.notebook import notebook_workspace, save_results, show_figure
 from aegir.store import image_files, mask_files
 from aegir.utils.quicklook import mask_overlay, outline
 
 NAME = "01_mask_factory_demo"
-WORK_ROOT = Path(os.environ.get("NOTEBOOK_WORKDIR") or Path.cwd() / "_work")
-WORK = WORK_ROOT / NAME
-if (WORK / ".aegir-notebook").is_file():  # only ever delete a workspace this notebook made
-    shutil.rmtree(WORK)
-WORK.mkdir(parents=True, exist_ok=True)
-(WORK / ".aegir-notebook").write_text(NAME)
+WORK = notebook_workspace(NAME)  # $NOTEBOOK_WORKDIR/<name>, else ./_work/<name>
 
 DATA = Path(load_settings().sample_data_dir)  # ../shared/data beside the checkout, or AEGIR_SAMPLE_DATA_DIR
 JIANG = DATA / "vhr" / "jiang_pv01"
@@ -74,11 +67,8 @@ STARTED = time.perf_counter()
 
 
 def show(figure, name: str) -> None:
-    """Save a figure as a PNG in the workspace and display that PNG (a static result, no browser needed)."""
-    path = WORK / f"{name}.png"
-    figure.savefig(path, dpi=90, bbox_inches="tight")
-    plt.close(figure)
-    display(Image(filename=str(path)))
+    """Save a figure as ``WORK/<name>.png`` and display that PNG (a static result, no browser needed)."""
+    show_figure(figure, WORK / f"{name}.png")
 
 
 print(f"python {sys.executable}\nworkspace {WORK}\nshared data {DATA}")
@@ -265,5 +255,5 @@ show(figure, "nrel_overlays")
 
 # %%
 RESULTS["seconds"] = round(time.perf_counter() - STARTED, 1)
-(WORK / "results.json").write_text(json.dumps(RESULTS, indent=1))
+save_results(RESULTS, WORK)
 print(json.dumps(RESULTS, indent=1))

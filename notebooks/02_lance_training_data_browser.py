@@ -34,8 +34,6 @@
 
 # %%
 import json
-import os
-import shutil
 import sys
 import time
 import warnings
@@ -53,18 +51,14 @@ from IPython.display import Image, display
 
 from aegir import pipelines
 from aegir.config import load_settings
+from aegir.utils.notebook import notebook_workspace, save_results, show_figure
 from aegir.pipelines.quicklook import quicklook_training_data
 from aegir.store import lance_io, mask_files
 from aegir.store.chip_codec import decode_chip
 from aegir.utils import s2geometry
 
 NAME = "02_lance_training_data_browser"
-WORK_ROOT = Path(os.environ.get("NOTEBOOK_WORKDIR") or Path.cwd() / "_work")
-WORK = WORK_ROOT / NAME
-if (WORK / ".aegir-notebook").is_file():  # only ever delete a workspace this notebook made
-    shutil.rmtree(WORK)
-WORK.mkdir(parents=True, exist_ok=True)
-(WORK / ".aegir-notebook").write_text(NAME)
+WORK = notebook_workspace(NAME)  # $NOTEBOOK_WORKDIR/<name>, else ./_work/<name>
 
 base = load_settings()  # honours AEGIR_SAMPLE_DATA_DIR; the stores go into the workspace
 settings = base.replace(lancedb_root=str(WORK / "lancedb"),
@@ -79,11 +73,8 @@ STARTED = time.perf_counter()
 
 
 def show(figure, name: str) -> None:
-    """Save a figure as a PNG in the workspace and display that PNG (a static result, no browser needed)."""
-    path = WORK / f"{name}.png"
-    figure.savefig(path, dpi=90, bbox_inches="tight")
-    plt.close(figure)
-    display(Image(filename=str(path)))
+    """Save a figure as ``WORK/<name>.png`` and display that PNG (a static result, no browser needed)."""
+    show_figure(figure, WORK / f"{name}.png")
 
 
 print(f"python {sys.executable}\nworkspace {WORK}\nshared data {DATA}")
@@ -329,5 +320,5 @@ RESULTS["map"] = {"chips": len(chips), "l13_cells": len(cells13)}
 
 # %%
 RESULTS["seconds"] = round(time.perf_counter() - STARTED, 1)
-(WORK / "results.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+save_results(RESULTS, WORK)
 print(json.dumps(RESULTS, indent=1, default=str))

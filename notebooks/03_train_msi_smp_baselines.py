@@ -39,7 +39,6 @@
 # %%
 import json
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -51,11 +50,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import rasterio
-from IPython.display import Image, display
 from PIL import Image as PILImage
 
 from aegir import pipelines
 from aegir.config import load_settings
+from aegir.utils.notebook import notebook_workspace, save_results, show_figure
 from aegir.dataflows import msi, spectral_indices
 from aegir.store import image_files, lance_io, mask_files
 from aegir.training.config import TrainConfig
@@ -64,12 +63,7 @@ from aegir.training.train import run_training
 from aegir.utils.quicklook import mask_overlay
 
 NAME = "03_train_msi_smp_baselines"
-WORK_ROOT = Path(os.environ.get("NOTEBOOK_WORKDIR") or Path.cwd() / "_work")
-WORK = WORK_ROOT / NAME
-if (WORK / ".aegir-notebook").is_file():  # only ever delete a workspace this notebook made
-    shutil.rmtree(WORK)
-WORK.mkdir(parents=True, exist_ok=True)
-(WORK / ".aegir-notebook").write_text(NAME)
+WORK = notebook_workspace(NAME)  # $NOTEBOOK_WORKDIR/<name>, else ./_work/<name>
 
 base = load_settings()
 settings = base.replace(lancedb_root=str(WORK / "lancedb"),
@@ -83,11 +77,8 @@ STARTED = time.perf_counter()
 
 
 def show(figure, name: str) -> None:
-    """Save a figure as a PNG in the workspace and display that PNG (a static result, no browser needed)."""
-    path = WORK / f"{name}.png"
-    figure.savefig(path, dpi=90, bbox_inches="tight")
-    plt.close(figure)
-    display(Image(filename=str(path)))
+    """Save a figure as ``WORK/<name>.png`` and display that PNG (a static result, no browser needed)."""
+    show_figure(figure, WORK / f"{name}.png")
 
 
 def epoch_curves(run_dir: Path) -> pd.DataFrame:
@@ -286,5 +277,5 @@ msi_table.round(3)
 
 # %%
 RESULTS["seconds"] = round(time.perf_counter() - STARTED, 1)
-(WORK / "results.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+save_results(RESULTS, WORK)
 print(json.dumps(RESULTS, indent=1, default=str))

@@ -31,7 +31,6 @@
 # %%
 import json
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -42,16 +41,12 @@ warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto wi
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from IPython.display import Image, display
 from PIL import Image as PILImage
 
+from aegir.utils.notebook import notebook_workspace, save_results, show_figure  # noqa: E402
+
 NAME = "04_yolo_baseline_prep_and_eval"
-WORK_ROOT = Path(os.environ.get("NOTEBOOK_WORKDIR") or Path.cwd() / "_work")
-WORK = WORK_ROOT / NAME
-if (WORK / ".aegir-notebook").is_file():  # only ever delete a workspace this notebook made
-    shutil.rmtree(WORK)
-WORK.mkdir(parents=True, exist_ok=True)
-(WORK / ".aegir-notebook").write_text(NAME)
+WORK = notebook_workspace(NAME)  # $NOTEBOOK_WORKDIR/<name>, else ./_work/<name>
 os.environ["YOLO_CONFIG_DIR"] = str(WORK / "ultralytics_config")  # Ultralytics' settings stay in the workspace
 os.environ.setdefault("YOLO_VERBOSE", "False")  # warnings and errors only: no per-batch progress bars in the notebook
 
@@ -76,11 +71,8 @@ STARTED = time.perf_counter()
 
 
 def show(figure, name: str) -> None:
-    """Save a figure as a PNG in the workspace and display that PNG (a static result, no browser needed)."""
-    path = WORK / f"{name}.png"
-    figure.savefig(path, dpi=90, bbox_inches="tight")
-    plt.close(figure)
-    display(Image(filename=str(path)))
+    """Save a figure as ``WORK/<name>.png`` and display that PNG (a static result, no browser needed)."""
+    show_figure(figure, WORK / f"{name}.png")
 
 
 print(f"python {sys.executable}\nworkspace {WORK}\nshared data {DATA}")
@@ -229,5 +221,5 @@ show(figure, "yolo_test_predictions")
 
 # %%
 RESULTS["seconds"] = round(time.perf_counter() - STARTED, 1)
-(WORK / "results.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+save_results(RESULTS, WORK)
 print(json.dumps(RESULTS, indent=1, default=str))

@@ -38,7 +38,6 @@
 # %%
 import json
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -56,18 +55,14 @@ import pyarrow.parquet as pq
 from IPython.display import Image, display
 
 from aegir.config import load_settings
+from aegir.utils.notebook import notebook_workspace, save_results, show_figure
 from aegir.pipelines.flywheel import FlywheelConfig, run_flywheel
 from aegir.pipelines.quicklook import quicklook_training_data
 from aegir.store import ducklake, lance_io, mask_files, region_files
 from aegir.utils import s2geometry
 
 NAME = "05_inference_and_validation_loop"
-WORK_ROOT = Path(os.environ.get("NOTEBOOK_WORKDIR") or Path.cwd() / "_work")
-WORK = WORK_ROOT / NAME
-if (WORK / ".aegir-notebook").is_file():  # only ever delete a workspace this notebook made
-    shutil.rmtree(WORK)
-WORK.mkdir(parents=True, exist_ok=True)
-(WORK / ".aegir-notebook").write_text(NAME)
+WORK = notebook_workspace(NAME)  # $NOTEBOOK_WORKDIR/<name>, else ./_work/<name>
 
 base = load_settings()
 settings = base.replace(lancedb_root=str(WORK / "lancedb"),
@@ -80,11 +75,8 @@ STARTED = time.perf_counter()
 
 
 def show(figure, name: str) -> None:
-    """Save a figure as a PNG in the workspace and display that PNG (a static result, no browser needed)."""
-    path = WORK / f"{name}.png"
-    figure.savefig(path, dpi=90, bbox_inches="tight")
-    plt.close(figure)
-    display(Image(filename=str(path)))
+    """Save a figure as ``WORK/<name>.png`` and display that PNG (a static result, no browser needed)."""
+    show_figure(figure, WORK / f"{name}.png")
 
 
 # the region: a contiguous 3 x 4 block of the 45 Austin tiles (rows of latitude x columns of longitude)
@@ -296,5 +288,5 @@ display(Image(filename=str(OUT / "flywheel_rounds.png")))
 # %%
 RESULTS["steps"] = step_log
 RESULTS["seconds"] = round(time.perf_counter() - STARTED, 1)
-(WORK / "results.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+save_results(RESULTS, WORK)
 print(json.dumps(RESULTS, indent=1, default=str))

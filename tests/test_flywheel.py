@@ -170,7 +170,7 @@ def test_cli_flywheel_rejects_a_bad_config(tmp_path):
 
 
 def test_cli_flywheel_prints_the_hook_columns_of_a_finished_run(flywheel_run):
-    settings, root, _, table, _ = flywheel_run
+    settings, root, _, _, _ = flywheel_run
     env = {"AEGIR_LANCEDB_ROOT": settings.lancedb_root, "AEGIR_DUCKLAKE_CATALOG": settings.ducklake_catalog,
            "AEGIR_DUCKLAKE_DATA_PATH": settings.ducklake_data_path}
     result = CliRunner().invoke(app, ["flywheel", "--rounds", "2", "--out", str(root / "out")], env=env)
@@ -178,6 +178,7 @@ def test_cli_flywheel_prints_the_hook_columns_of_a_finished_run(flywheel_run):
     assert "done earlier" in result.output and "mined neg." in result.output and "cells boosted" in result.output
     lines = [line for line in result.output.splitlines() if line.strip().startswith(("│ 1 ", "│ 2 ", "1 ", "2 "))]
     assert len(lines) == 2
+    table = json.loads((root / "out" / "flywheel_rounds.json").read_text())  # as of now (earlier tests resumed it)
     for line, row in zip(lines, table):
         cells = [c.strip() for c in line.strip("│ ").split("│")]
         assert cells[13] == str(row["mined_added"]) and cells[14] == str(row["cells_reprioritised"])

@@ -58,6 +58,24 @@ def contact_sheet(panels: list[np.ndarray], columns: int = 4, width: int = 1200)
     return sheet
 
 
+def write_panels(named_panels: list[tuple[str, np.ndarray]], out_dir: str | Path) -> dict:
+    """``OUT/<name>.png`` per (name, (H, W, 3) uint8 panel) and ``OUT/contact_sheet.png`` of them all (none when
+    there are no panels): {"written": [paths], "contact_sheet": path | None}."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, panel in named_panels:
+        path = out / f"{name}.png"
+        Image.fromarray(panel).save(path)
+        written.append(str(path))
+    sheet = None
+    if named_panels:
+        sheet = out / "contact_sheet.png"
+        panels = [panel for _, panel in named_panels]
+        Image.fromarray(contact_sheet(panels, columns=min(4, len(panels)))).save(sheet)
+    return {"written": written, "contact_sheet": str(sheet) if sheet else None}
+
+
 def quicklook_training_data(settings: Settings, uri: str | None, out_dir: str | Path,
                             filters: dict | None = None, limit: int = 16) -> dict:
     """``OUT/<sample_id>.png`` for up to ``limit`` rows matching ``filters`` (metadata field → value(s), quoted by
@@ -66,20 +84,8 @@ def quicklook_training_data(settings: Settings, uri: str | None, out_dir: str | 
     dataset = table.to_lance()
     where = lance_io.build_where_clause(filters or {}, dataset.schema) or None
     rows = dataset.to_table(columns=COLUMNS, filter=where, limit=limit).to_pylist()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written, panels = [], []
-    for row in rows:
-        panel = row_panel(row)
-        path = out / f"{Path(row['metadata']['sample_id']).name}.png"
-        Image.fromarray(panel).save(path)
-        written.append(str(path))
-        panels.append(panel)
-    sheet = None
-    if panels:
-        sheet = out / "contact_sheet.png"
-        Image.fromarray(contact_sheet(panels)).save(sheet)
-    return {"written": written, "contact_sheet": str(sheet) if sheet else None, "rows": len(rows)}
+    named = [(Path(row["metadata"]["sample_id"]).name, row_panel(row)) for row in rows]
+    return write_panels(named, out_dir) | {"rows": len(rows)}
 
 
 def detection_quicklooks(detections, decisions: list[str], tiles: dict, out_dir: str | Path,
@@ -99,19 +105,10 @@ def detection_quicklooks(detections, decisions: list[str], tiles: dict, out_dir:
             entry = by_tile.setdefault(chip.source, (chip, {}))
             entry[1].setdefault(decision, []).append(shapely.to_wkb(geometry))
     busiest = sorted(by_tile.values(), key=lambda e: -sum(map(len, e[1].values())))[:max_tiles]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written, panels = [], []
+    named = []
     for chip, wkbs in busiest:
         regions = {d: geo.burn_polygons(chip, w) for d, w in wkbs.items()}
         rgb = np.ascontiguousarray(np.moveaxis(chip.rgb8(), 0, -1))
         panel = decision_outlines(rgb, {d: r.astype(bool) for d, r in regions.items() if r is not None})
-        path = out / f"{Path(chip.source).stem}.png"
-        Image.fromarray(panel).save(path)
-        written.append(str(path))
-        panels.append(panel)
-    sheet = None
-    if panels:
-        sheet = out / "contact_sheet.png"
-        Image.fromarray(contact_sheet(panels, columns=min(4, len(panels)))).save(sheet)
-    return {"written": written, "contact_sheet": str(sheet) if sheet else None, "tiles": len(panels)}
+        named.append((Path(chip.source).stem, panel))
+    return write_panels(named, out_dir) | {"tiles": len(named)}

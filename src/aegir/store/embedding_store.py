@@ -23,7 +23,7 @@ import datetime as dt
 import math
 import re
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import lancedb
 import numpy as np
@@ -85,23 +85,30 @@ def embeddings_root(training_uri: str | None, lancedb_root: str) -> str:
     return resolve_table_location(training_uri, lancedb_root)[0]
 
 
-def open_embeddings_table(root: str, name: str = DEFAULT_EMBEDDINGS_TABLE, dim: int | None = None
-                          ) -> lancedb.table.Table:
-    """Open ``root/name``; create it for ``dim``-vectors when missing and ``dim`` is given (else StoreError)."""
+def _open_vector_table(root: str, name: str, schema_for: Callable[[int], pa.Schema], kind: str, make_it: str,
+                       dim: int | None) -> lancedb.table.Table:
+    """Open ``root/name`` of ``schema_for``'s shape; create it for ``dim``-vectors when missing and ``dim`` is given
+    (else StoreError saying to run ``make_it``); a table of another shape or vector size is a StoreError."""
     db = lancedb.connect(root)
     try:
         table = db.open_table(name)
     except (ValueError, FileNotFoundError) as exc:
         if dim is None:
-            raise StoreError(f"no embeddings table {name!r} under {root} (run `aegir dataset embed` first)") from exc
-        return db.create_table(name, schema=embeddings_schema(dim), exist_ok=True)
-    problems = [f.name for f in embeddings_schema(1) if f.name not in table.schema.names]
-    if problems or not pa.types.is_fixed_size_list(table.schema.field("vector").type):
-        raise StoreError(f"{root}/{name} is not a chip_embeddings table (missing {problems or ['vector']})")
+            raise StoreError(f"no {kind} table {name!r} under {root} (run `{make_it}` first)") from exc
+        return db.create_table(name, schema=schema_for(dim), exist_ok=True)
+    missing = [f.name for f in schema_for(1) if f.name not in table.schema.names]
+    if missing or not pa.types.is_fixed_size_list(table.schema.field("vector").type):
+        raise StoreError(f"{root}/{name} is not a {kind} table (missing {missing or ['vector']})")
     if dim is not None and vector_dim(table.schema) != dim:
         raise StoreError(f"{root}/{name} holds {vector_dim(table.schema)}-d vectors, this model makes {dim}-d; "
-                         f"use another --table for it")
+                         f"use another table name for it")
     return table
+
+
+def open_embeddings_table(root: str, name: str = DEFAULT_EMBEDDINGS_TABLE, dim: int | None = None
+                          ) -> lancedb.table.Table:
+    """Open ``root/name`` (a chip_embeddings table); create it for ``dim``-vectors when missing and ``dim`` given."""
+    return _open_vector_table(root, name, embeddings_schema, "chip_embeddings", "aegir dataset embed", dim)
 
 
 def embedded_uuids(table: lancedb.table.Table, model: str) -> set[str]:
@@ -394,21 +401,7 @@ def region_key(tiles_dir: str | Path) -> str:
 def open_tile_embeddings_table(root: str, name: str = DEFAULT_TILE_EMBEDDINGS_TABLE, dim: int | None = None
                                ) -> lancedb.table.Table:
     """Open ``root/name`` (a tile_embeddings table); create it for ``dim``-vectors when missing and ``dim`` given."""
-    db = lancedb.connect(root)
-    try:
-        table = db.open_table(name)
-    except (ValueError, FileNotFoundError) as exc:
-        if dim is None:
-            raise StoreError(f"no tile embeddings table {name!r} under {root} "
-                             f"(run `aegir infer embed-tiles` first)") from exc
-        return db.create_table(name, schema=tile_embeddings_schema(dim), exist_ok=True)
-    missing = [f.name for f in tile_embeddings_schema(1) if f.name not in table.schema.names]
-    if missing:
-        raise StoreError(f"{root}/{name} is not a tile_embeddings table (missing {missing})")
-    if dim is not None and vector_dim(table.schema) != dim:
-        raise StoreError(f"{root}/{name} holds {vector_dim(table.schema)}-d vectors, this model makes {dim}-d; "
-                         f"use another table name for it")
-    return table
+    return _open_vector_table(root, name, tile_embeddings_schema, "tile_embeddings", "aegir infer embed-tiles", dim)
 
 
 def tile_windows(table: lancedb.table.Table, model: str, region: str,
