@@ -28,8 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from aegir.sample_data import AUSTIN_TILES, link_tile_block
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-AUSTIN = SHARED_DATA / "vhr" / "nrel_panel_segmentation" / "sol-searcher_data_examples"
+AUSTIN = SHARED_DATA / AUSTIN_TILES
 
 
 def _rss_mb() -> float:
@@ -42,16 +44,10 @@ def _rss_mb() -> float:
 
 def _link_block(dest: Path, side: int) -> Path:
     """A folder of links to a ``side`` × ``side`` block of neighbouring Austin tiles (names are lat_lon.png)."""
-    names = sorted(p.name for p in AUSTIN.glob("*.png"))
-    lats = sorted({n.split("_")[0] for n in names}, key=float)
-    lons = sorted({n.split("_")[1].removesuffix(".png") for n in names}, key=float)
-    if side > min(len(lats), len(lons)):
-        raise SystemExit(f"the Austin set is {len(lons)}×{len(lats)} tiles; a {side}×{side} block does not fit")
-    dest.mkdir(parents=True)
-    for lat in lats[:side]:
-        for lon in lons[:side]:
-            (dest / f"{lat}_{lon}.png").symlink_to(AUSTIN / f"{lat}_{lon}.png")
-    return dest
+    try:
+        return link_tile_block(AUSTIN, dest, side, side)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
 
 
 class _ConvNet:

@@ -25,13 +25,14 @@ from aegir.cli import app
 from aegir.dataflows import region_inference
 from aegir.pipelines.region import NoImageryError, infer_region
 from aegir.store import ducklake, region_files
+from aegir.sample_data import AUSTIN_TILES, link_tile_block
 from aegir.utils import s2geometry
 
 from conftest import SHARED_DATA, make_settings
 from test_inference_blending import _conv_model
 from test_prompts_and_cli import _env
 
-AUSTIN = SHARED_DATA / "vhr" / "nrel_panel_segmentation" / "sol-searcher_data_examples"
+AUSTIN = SHARED_DATA / AUSTIN_TILES
 COLUMNS = ("detection_id", "plan_id", "cell_token", "area_m2", "score", "pixel_count", "centroid_lon",
            "centroid_lat", "model_checkpoint", "model_data_version", "dataset_uri", "pv_threshold", "predicted_at")
 NAME_ROUNDING_DEG = 2e-6  # tiles are placed on the common grid to the nearest pixel (≤ 0.15 m ≈ 1.4e-6°)
@@ -40,14 +41,7 @@ runner = CliRunner()
 
 def _tiles_dir(dest: Path, rows: int = 2, cols: int = 2) -> Path:
     """A folder of links to a ``rows`` × ``cols`` block of neighbouring Austin tiles (names are lat_lon.png)."""
-    names = sorted(p.name for p in AUSTIN.glob("*.png"))
-    lats = sorted({n.split("_")[0] for n in names}, key=float)
-    lons = sorted({n.split("_")[1].removesuffix(".png") for n in names}, key=float)
-    dest.mkdir(parents=True)
-    for lat in lats[:rows]:
-        for lon in lons[:cols]:
-            (dest / f"{lat}_{lon}.png").symlink_to(AUSTIN / f"{lat}_{lon}.png")
-    return dest
+    return link_tile_block(AUSTIN, dest, rows, cols)
 
 
 class DarkRoofs:

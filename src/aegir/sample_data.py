@@ -40,3 +40,21 @@ def sample_label_set(dataset: str) -> SampleLabelSet:
         if item.dataset == dataset:
             return item
     raise KeyError(f"no shared label set {dataset!r}; known: {', '.join(s.dataset for s in SAMPLE_LABEL_SETS)}")
+
+
+AUSTIN_TILES = "vhr/nrel_panel_segmentation/sol-searcher_data_examples"  # 45 contiguous Austin tiles, lat_lon.png
+
+
+def link_tile_block(tiles_dir: Path, dest: Path, rows: int, cols: int) -> Path:
+    """``dest``: a new folder of links to the ``rows`` × ``cols`` block of neighbouring tiles at the south-west
+    corner of ``tiles_dir`` (tiles named ``<lat>_<lon>.png``, as the Austin set). ValueError when it does not fit."""
+    names = sorted(p.name for p in Path(tiles_dir).glob("*.png"))
+    lats = sorted({n.split("_")[0] for n in names}, key=float)
+    lons = sorted({n.split("_")[1].removesuffix(".png") for n in names}, key=float)
+    if rows > len(lats) or cols > len(lons):
+        raise ValueError(f"{tiles_dir} is {len(lons)}×{len(lats)} tiles; a {cols}×{rows} block does not fit")
+    dest.mkdir(parents=True)
+    for lat in lats[:rows]:
+        for lon in lons[:cols]:
+            (dest / f"{lat}_{lon}.png").symlink_to(Path(tiles_dir) / f"{lat}_{lon}.png")
+    return dest

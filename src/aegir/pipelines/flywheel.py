@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from aegir.config import Settings
+from aegir.sample_data import AUSTIN_TILES
 
 STEPS = ("ingest", "masks", "dataset", "train", "infer", "validate", "embed_tiles", "mine_negatives",
          "find_similar", "backfill")
@@ -81,8 +82,7 @@ class FlywheelConfig:
         return FlywheelConfig(**{**asdict(self),
                                  "seed_images": self.seed_images or str(jiang / "images"),
                                  "seed_masks": self.seed_masks or str(jiang / "masks"),
-                                 "region_tiles": self.region_tiles or str(
-                                     data / "vhr" / "nrel_panel_segmentation" / "sol-searcher_data_examples")})
+                                 "region_tiles": self.region_tiles or str(data / AUSTIN_TILES)})
 
 
 def load_flywheel_config(path: str | Path | None) -> FlywheelConfig:
