@@ -38,14 +38,6 @@ def _tokens_at(lonlat: np.ndarray, level: int) -> Counter[str]:
     return Counter(s2geometry.s2_tokens(lonlat[:, 1], lonlat[:, 0], level).tolist())
 
 
-def _parents(tokens: list[str], level: int) -> list[str]:
-    """Token of each cell's ancestor at ``level`` (≤ the cells' level)."""
-    ids = s2geometry.token_to_cell_id(np.asarray(tokens, dtype=object)).astype(np.uint64)
-    lsb = np.uint64(1) << np.uint64(2 * (30 - level))
-    parent = (ids & ~(lsb * np.uint64(2) - np.uint64(1))) | lsb
-    return s2geometry.cell_id_to_token(parent).tolist()
-
-
 def cell_label_counts(plan_cells: list[str], label_lonlat: np.ndarray, plan_level: int) -> np.ndarray:
     """Known labels inside each work cell. Shape (cells,), int64."""
     counts = _tokens_at(label_lonlat, plan_level)
@@ -59,7 +51,7 @@ def cell_context_counts(
     if not 0 <= context_level <= plan_level:
         raise ValueError(f"context_level {context_level} must lie in 0..plan_level ({plan_level})")
     counts = _tokens_at(label_lonlat, context_level)
-    return np.array([counts.get(p, 0) for p in _parents(plan_cells, context_level)], dtype=np.int64)
+    return np.array([counts.get(p, 0) for p in s2geometry.parent_tokens(plan_cells, context_level).tolist()], dtype=np.int64)
 
 
 def cell_prior_detections(plan_cells: list[str], detection_lonlat: np.ndarray, plan_level: int) -> np.ndarray:

@@ -69,13 +69,6 @@ def s2_level(token: str) -> int:
     return level
 
 
-def parent_tokens(tokens: Any, level: int) -> np.ndarray:
-    """Tokens at ``level`` of the cells containing the given (finer or equal) cells."""
-    ids = s2geometry.token_to_cell_id(np.asarray(tokens, dtype=str)).astype(np.uint64)
-    lsb = np.uint64(1) << np.uint64(2 * (s2geometry.MAX_LEVEL - level))
-    return np.asarray(s2geometry.cell_id_to_token((ids & ~(lsb * np.uint64(2) - np.uint64(1))) | lsb))
-
-
 def _iso(value: Any) -> str | None:
     return value.isoformat() if value is not None else None
 
@@ -199,7 +192,7 @@ class BrowseSource:
         level = s2_level(chip_filter.s2)
         stored = max((lv for lv in S2_LEVELS if lv <= level), default=None)
         if stored is not None:
-            where[f"metadata.s2_token_l{stored}"] = str(parent_tokens([chip_filter.s2], stored)[0])
+            where[f"metadata.s2_token_l{stored}"] = str(s2geometry.parent_tokens([chip_filter.s2], stored)[0])
         return where, None if level in S2_LEVELS else level
 
     def chips(self, chip_filter: ChipFilter, version: int | None = None, limit: int = 60,
@@ -212,7 +205,7 @@ class BrowseSource:
         clause = lance_io.build_where_clause(where, ds.schema)
         rows = ds.to_table(columns=_LIST_COLUMNS, filter=clause)
         if exact_level is not None and rows.num_rows:
-            inside = parent_tokens(rows["l17"].to_numpy(zero_copy_only=False), exact_level) == chip_filter.s2
+            inside = s2geometry.parent_tokens(rows["l17"].to_numpy(zero_copy_only=False), exact_level) == chip_filter.s2
             rows = rows.filter(pa.array(inside))
         rows = rows.sort_by([("dataset", "ascending"), ("sample_id", "ascending"), ("uuid", "ascending")])
         return {"version": int(ds.version), "total": rows.num_rows, "offset": offset, "limit": limit,

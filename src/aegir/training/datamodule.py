@@ -42,14 +42,6 @@ READ_COLUMNS = ["uuid", "vhr_image_chip", "generated_mask", "msi_image_chip", "m
 # ---- S2 cells and splits -----------------------------------------------------------------------------------
 
 
-def parent_tokens(tokens_l17: list[str] | np.ndarray, level: int) -> np.ndarray:
-    """S2 tokens at ``level`` (≤ 17) of the cells containing the given level-17 cells."""
-    ids = s2geometry.token_to_cell_id(np.asarray(tokens_l17)).astype(np.uint64)
-    lsb = np.uint64(1) << np.uint64(2 * (30 - level))
-    parents = (ids & ~(lsb * np.uint64(2) - np.uint64(1))) | lsb
-    return np.asarray(s2geometry.cell_id_to_token(parents))
-
-
 def cell_fraction(token: str, salt: str = "") -> float:
     """Deterministic u ∈ [0, 1) for an S2 token (first 64 bits of sha256(``salt:token``), or of the token alone)."""
     text = f"{salt}:{token}" if salt else token
@@ -121,7 +113,7 @@ def select_rows(dataset, config: TrainConfig) -> tuple[pa.Table, str | None]:
         level = int(s2geometry.cell_level(s2geometry.token_to_cell_id(np.array([token])))[0])
         if level > 17:
             raise lance_io.StoreError(f"S2 prefix {token!r} is level {level}; rows carry cells down to level 17")
-        keep &= parent_tokens(rows["s2"].to_numpy(zero_copy_only=False), level) == token
+        keep &= s2geometry.parent_tokens(rows["s2"].to_numpy(zero_copy_only=False), level) == token
     if config.filter_date_from or config.filter_date_to:
         times = rows["acquired_at"].to_pylist()
         lo = _date(config.filter_date_from, False) if config.filter_date_from else None
@@ -138,7 +130,7 @@ def make_splits(dataset, dataset_uri: str, config: TrainConfig) -> SplitInfo:
                      config.test_fraction, config.split_salt, where, {s: [] for s in SPLITS}, {s: [] for s in SPLITS})
     if rows.num_rows == 0:
         return info
-    cells = parent_tokens(rows["s2"].to_numpy(zero_copy_only=False), config.split_level)
+    cells = s2geometry.parent_tokens(rows["s2"].to_numpy(zero_copy_only=False), config.split_level)
     assignment = {c: split_of_cell(c, config.val_fraction, config.test_fraction, config.split_salt)
                   for c in sorted(set(cells.tolist()))}
     for uuid, cell in zip(rows["uuid"].to_pylist(), cells.tolist()):

@@ -250,6 +250,13 @@ def token_to_cell_id(token: Any) -> np.ndarray:
 # ----------------------------------------------------------------------------------- public point API
 
 
+def parent_tokens(tokens: Any, level: int) -> np.ndarray:
+    """Token at ``level`` of each cell's ancestor (``level`` ≤ each cell's own level). Shape of ``tokens``."""
+    ids = token_to_cell_id(np.asarray(tokens, dtype=object)).astype(np.uint64)
+    lsb = np.uint64(1) << np.uint64(2 * (MAX_LEVEL - _check_level(level)))
+    return np.asarray(cell_id_to_token((ids & ~(lsb * np.uint64(2) - np.uint64(1))) | lsb))
+
+
 def s2_cell_ids(lat_deg: Any, lon_deg: Any, level: int) -> np.ndarray:
     """S2 cell ids (uint64, broadcast shape of the inputs) at ``level`` for EPSG:4326 lat/lon in degrees."""
     level = _check_level(level)
