@@ -311,13 +311,11 @@ def step_backfill(context: RoundContext) -> dict:
     from aegir import pipelines
     from aegir.masks.base import get_backend
 
-    detections = _detections(context)
+    detections, decisions, tiles = _validated(context)
     if not len(detections):
         return {"backfilled": 0, "hard_negatives": 0, "version": int(_table(context).version)}
-    decisions = pq.read_table(context.earlier("validate")["decisions"])
     checkpoint = context.earlier("train")["checkpoint"]
     backend = get_backend("model", checkpoint=checkpoint)
-    tiles = _detection_tiles(detections, Path(context.config.region_tiles))
     inputs = {"detections": detections, "validation_decisions": decisions, "detection_tiles": tiles,
               "backfill_chip_px": context.config.backfill_chip_px, "mask_backend": backend,
               "max_backfill": context.config.max_backfill, "max_hard_negatives": context.config.max_hard_negatives}
