@@ -33,7 +33,9 @@ browser:
 	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	else echo "note: install Debian's chromium and chromium-driver for the browser test (needs root)"; fi
 
+# lint-imports checks the layer contracts of pyproject.toml ([tool.importlinter]) before the suite runs.
 test: install browser
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 bench: install

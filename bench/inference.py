@@ -51,7 +51,7 @@ def _link_block(dest: Path, side: int) -> Path:
 
 
 class _ConvNet:
-    """A fixed random 4-layer conv net (3→8→8→8→1, sigmoid): ``predict_proba((3, H, W) uint8) -> (H, W)``."""
+    """A fixed random 4-layer conv net (3→8→8→8→1, sigmoid): ``predict_batch((B, 3, h, w) uint8)`` → (B, h, w)."""
 
     data_version, dataset_uri = -1, "bench://random-conv"
 
@@ -64,11 +64,11 @@ class _ConvNet:
             layers += [torch.nn.Conv2d(c_in, c_out, 3, padding=1), torch.nn.Tanh()]
         self.net = torch.nn.Sequential(*layers[:-1], torch.nn.Sigmoid()).eval()
 
-    def predict_proba(self, image):
+    def predict_batch(self, tiles):
         import torch
 
         with torch.no_grad():
-            return self.net(torch.from_numpy(image.astype("float32") / 255.0)[None])[0, 0].numpy()
+            return self.net(torch.from_numpy(tiles.astype("float32") / 255.0))[:, 0].numpy()
 
 
 def child(args: argparse.Namespace) -> None:

@@ -11,8 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from aegir import pipelines
 from aegir.config import Settings, load_settings
+from aegir.pipelines.labels import import_labels
 from aegir.sample_data import SAMPLE_LABEL_SETS
 
 GOAL_ROWS_PER_S = 5_000
@@ -22,7 +22,7 @@ def _import_all(settings: Settings) -> list[tuple[str, int, float]]:
     timings = []
     for item in SAMPLE_LABEL_SETS:
         start = time.perf_counter()
-        report = pipelines.import_labels(settings, item.path(settings.sample_data_dir), item.dataset, doi=item.doi)
+        report = import_labels(settings, item.path(settings.sample_data_dir), item.dataset, doi=item.doi)
         timings.append((item.dataset, report.rows_read, time.perf_counter() - start))
     return timings
 

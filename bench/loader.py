@@ -29,8 +29,8 @@ import rasterio
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from aegir import pipelines
 from aegir.config import load_settings
+from aegir.pipelines.dataset import build_dataset_from_images
 from aegir.store import lance_io
 from aegir.training.lance_tensors import training_batch_to_tensors
 
@@ -46,7 +46,7 @@ def build_lance(root: Path, samples: int, encoding: str) -> tuple[str, pa.Table]
     """A training_data table of the Jiang tiles repeated to ``samples`` rows (distinct uuids)."""
     settings = load_settings().replace(lancedb_root=str(root))
     uri = str(root / f"jiang_{encoding}")
-    pipelines.build_dataset_from_images(settings, _jiang() / "images", _jiang() / "masks", uri=uri, encoding=encoding)
+    build_dataset_from_images(settings, _jiang() / "images", _jiang() / "masks", uri=uri, encoding=encoding)
     table = lance_io.open_training_table(uri, str(root), create=False)
     base = table.to_arrow()
     copies = [base]
@@ -194,7 +194,7 @@ def filter_benchmark(rows_wanted: int, tmp: Path) -> None:
     """64 chips out of ≥ rows_wanted rows selected by one S2 l13 token, with and without the BTREE index."""
     settings = load_settings().replace(lancedb_root=str(tmp / "filter"))
     uri = str(tmp / "filter" / "training_data")
-    pipelines.build_dataset_from_images(settings, _jiang() / "images", _jiang() / "masks", uri=uri)
+    build_dataset_from_images(settings, _jiang() / "images", _jiang() / "masks", uri=uri)
     base = lance_io.open_training_table(uri, settings.lancedb_root, create=False).to_arrow()
     groups = -(-rows_wanted // 64)
     rows = pa.concat_tables([base] * -(-groups * 64 // base.num_rows)).slice(0, groups * 64).combine_chunks()

@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from aegir import pipelines
 from aegir.masks.base import MaskBackendError
-from aegir.store.mask_files import write_component_box_prompts
+from aegir.pipelines.masks import evaluate_masks, generate_masks
 from aegir.store.image_files import list_image_files, read_mask
+from aegir.store.mask_files import write_component_box_prompts
 
 HERE = Path(__file__).resolve().parent
 
@@ -61,7 +61,7 @@ def summarise(result: dict, stems: list[str], nonempty: set[str]) -> dict:
 
 def unseen_stems(checkpoint: str, stems: list[str]) -> set[str]:
     """Jiang tiles whose S2 cell (at the checkpoint's split level) was not in its train split."""
-    from aegir.training.litmodule import read_checkpoint
+    from aegir.store.training_files import read_checkpoint
     from aegir.utils import geo, s2geometry
 
     split = read_checkpoint(checkpoint)["split"]
@@ -72,7 +72,7 @@ def unseen_stems(checkpoint: str, stems: list[str]) -> set[str]:
 
 
 def mean_iou_of(pred: Path, jiang: Path, keep: set[str]) -> float | None:
-    result = pipelines.evaluate_masks(pred, jiang / "masks")
+    result = evaluate_masks(pred, jiang / "masks")
     values = [v["iou"] for k, v in result["per_image"].items() if k in keep]
     return round(float(np.mean(values)), 4) if values else None
 
@@ -124,18 +124,18 @@ def main() -> int:
         report["prompts"] = write_component_box_prompts(jiang / "images", jiang / "masks", prompts)
         box_baseline(prompts, tmp / "box", jiang)
         report["backends"]["box (baseline: the prompt boxes)"] = summarise(
-            pipelines.evaluate_masks(tmp / "box", jiang / "masks"), stems, nonempty)
+            evaluate_masks(tmp / "box", jiang / "masks"), stems, nonempty)
         for name in [b.strip() for b in args.backends.split(",") if b.strip()]:
             checkpoint = args.model_checkpoint if name == "model" else args.checkpoint
             options = {"checkpoint": checkpoint} if checkpoint and name != "sam2" else {}
             start = time.perf_counter()
             try:
-                run = pipelines.generate_masks(jiang / "images", prompts, name, tmp / name, options)
+                run = generate_masks(jiang / "images", prompts, name, tmp / name, options)
             except MaskBackendError as exc:
                 report["backends"][name] = {"unavailable": str(exc)}
                 continue
             seconds = time.perf_counter() - start
-            summary = summarise(pipelines.evaluate_masks(tmp / name, jiang / "masks"), stems, nonempty)
+            summary = summarise(evaluate_masks(tmp / name, jiang / "masks"), stems, nonempty)
             summary.update({"seconds": round(seconds, 2), "prompts_per_s": round(run.prompts_used / seconds, 1),
                             "version": run.backend_version})
             if name == "model":
@@ -145,7 +145,7 @@ def main() -> int:
             report["backends"][name] = summary
         nrel_out = tmp / "nrel"
         start = time.perf_counter()
-        run = pipelines.generate_masks(nrel / "images", nrel / "annotations.csv", "offline", nrel_out)
+        run = generate_masks(nrel / "images", nrel / "annotations.csv", "offline", nrel_out)
         looks = quicklooks(nrel / "images", nrel / "annotations.csv", nrel_out, args.quicklooks)
         report["nrel_offline"] = {"images": len(run.written), "prompts": run.prompts_used,
                                   "seconds": round(time.perf_counter() - start, 2),

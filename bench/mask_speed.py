@@ -18,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from aegir.masks.base import get_backend
-from aegir.masks.prompts import mask_component_boxes, pixel_prompts
+from aegir.dataflows.mask_factory import image_rgb
+from aegir.masks import get_backend
+from aegir.masks.prompts import pixel_prompts
 from aegir.store.image_files import list_image_files, read_mask
 from aegir.store.mask_files import read_image_chip
-from aegir.dataflows.sam_mask_factory import image_rgb
+from aegir.utils.components import mask_component_boxes
 
 HERE = Path(__file__).resolve().parent
 

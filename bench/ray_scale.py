@@ -21,9 +21,9 @@ import aegir.training  # noqa: F401  (torchvision shim first)
 import ray
 import torch
 
-from aegir import pipelines
 from aegir.config import Settings
 from aegir.pipelines import ray_scale
+from aegir.pipelines.dataset import build_dataset_from_images
 from aegir.store import lance_io
 from aegir.store.chip_codec import decode_chip
 from aegir.training.config import TrainConfig
@@ -42,7 +42,7 @@ def bench_build(settings: Settings, repeats: int) -> tuple[float, float]:
     """Median seconds of (single-process, Ray) builds of the 60 tiles into fresh tables."""
     root = Path(settings.lancedb_root)
     ray_scale.build_dataset_ray(settings, JIANG / "images", JIANG / "masks", str(root / "warm"))
-    single = [_timed(lambda i=i: pipelines.build_dataset_from_images(
+    single = [_timed(lambda i=i: build_dataset_from_images(
         settings, JIANG / "images", JIANG / "masks", str(root / f"single{i}"))) for i in range(repeats)]
     on_ray = [_timed(lambda i=i: ray_scale.build_dataset_ray(
         settings, JIANG / "images", JIANG / "masks", str(root / f"ray{i}"))) for i in range(repeats)]

@@ -31,8 +31,9 @@ import numpy as np
 import pyarrow as pa
 import shapely
 
-from aegir import pipelines
 from aegir.config import Settings, load_settings
+from aegir.pipelines import labels as label_jobs
+from aegir.pipelines.dataset import build_dataset_from_images
 from aegir.sample_data import SAMPLE_LABEL_SETS
 from aegir.store import ducklake, lance_io
 
@@ -53,7 +54,7 @@ def timed(fn: Callable[[], object], repeat: int) -> tuple[float, object]:
 
 def import_labels(settings: Settings) -> None:
     for item in SAMPLE_LABEL_SETS:
-        pipelines.import_labels(settings, item.path(settings.sample_data_dir), item.dataset, doi=item.doi)
+        label_jobs.import_labels(settings, item.path(settings.sample_data_dir), item.dataset, doi=item.doi)
 
 
 def labels_view_sql(con: duckdb.DuckDBPyConnection, settings: Settings) -> str:
@@ -113,7 +114,7 @@ def chip_tables(settings: Settings, root: Path, chips: int) -> tuple[lance.Lance
     """The Jiang chips repeated to ``chips`` rows in Lance and in a DuckLake BLOB table; write seconds each."""
     jiang = settings.sample_data_dir / "vhr" / "jiang_pv01"
     uri = str(root / "lancedb" / "training_data")
-    pipelines.build_dataset_from_images(settings, jiang / "images", jiang / "masks", uri=uri)
+    build_dataset_from_images(settings, jiang / "images", jiang / "masks", uri=uri)
     base = lance_io.open_training_table(uri, settings.lancedb_root, create=False).to_arrow()
     base = base.select(["uuid", "vhr_image_chip", "generated_mask"])
     copies = [base.set_column(0, "uuid", pa.array([f"{u}-{k}" for u in base["uuid"].to_pylist()]))

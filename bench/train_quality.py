@@ -20,11 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from aegir import pipelines  # noqa: E402
 from aegir.config import Settings  # noqa: E402
+from aegir.pipelines.dataset import build_dataset_from_images  # noqa: E402
+from aegir.pipelines.predict import object_and_pixel_scores  # noqa: E402
+from aegir.store.training_files import read_checkpoint  # noqa: E402
 from aegir.training.config import TrainConfig  # noqa: E402
-from aegir.training.evaluate import object_and_pixel_scores  # noqa: E402
-from aegir.training.litmodule import read_checkpoint  # noqa: E402
 from aegir.training.train import run_training  # noqa: E402
 
 JIANG = Path(__file__).resolve().parents[2] / "shared" / "data" / "vhr" / "jiang_pv01"
@@ -46,7 +46,7 @@ def main() -> None:
     out = args.out or work / "run"
     settings = Settings(lancedb_root=str(work / "lancedb"))
     uri = str(work / "lancedb" / "training_data")
-    report = pipelines.build_dataset_from_images(settings, JIANG / "images", JIANG / "masks", uri, "jiang_pv01")
+    report = build_dataset_from_images(settings, JIANG / "images", JIANG / "masks", uri, "jiang_pv01")
     config = TrainConfig(max_epochs=args.max_epochs, max_minutes=args.max_minutes, threads=args.threads,
                          accelerator=args.accelerator, wandb=False, progress_bar=False)
     started = time.perf_counter()

@@ -54,7 +54,7 @@ def _dominant_roof(mask_path: Path) -> int | None:
 
 
 def roof_agreement(settings, uri: str) -> dict:
-    from aegir.pipelines import vector_search
+    from aegir.pipelines import embeddings
     from aegir.store import embedding_store
 
     root = embedding_store.embeddings_root(uri, settings.lancedb_root)
@@ -64,7 +64,7 @@ def roof_agreement(settings, uri: str) -> dict:
     labelled = [u for u, v in roof.items() if v is not None]
     same = 0
     for u in labelled:
-        result = vector_search.similar_chips(settings, chip=u, k=1, uri=uri, where={"uuid": labelled}, exact=True)
+        result = embeddings.similar_chips(settings, chip=u, k=1, uri=uri, where={"uuid": labelled}, exact=True)
         same += roof[result["neighbours"][0]["uuid"]] == roof[u]
     counts = Counter(roof[u] for u in labelled)
     n = len(labelled)
@@ -127,21 +127,21 @@ def main() -> None:
     parser.add_argument("--refine", type=int, default=50, help="refine_factor (exact re-rank of k×refine)")
     args = parser.parse_args()
 
-    from aegir import pipelines
     from aegir.config import Settings
-    from aegir.pipelines import vector_search
+    from aegir.pipelines import embeddings
+    from aegir.pipelines.dataset import build_dataset_from_images
     from aegir.store import embedding_store
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         settings = Settings(lancedb_root=str(work / "lancedb"))
         uri = str(work / "lancedb" / "training_data")
-        pipelines.build_dataset_from_images(settings, JIANG / "images", JIANG / "masks", uri, "jiang_pv01")
+        build_dataset_from_images(settings, JIANG / "images", JIANG / "masks", uri, "jiang_pv01")
         t0 = time.perf_counter()
         checkpoint = args.checkpoint or _train(uri, work, args.epochs)
         train_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        report = vector_search.embed_training_chips(settings, checkpoint, uri)
+        report = embeddings.embed_training_chips(settings, checkpoint, uri)
         embed_s = time.perf_counter() - t0
         print(f"model {report.model}: {report.embedded} chips embedded ({report.dim}-d) in {embed_s:.1f} s"
               + ("" if args.checkpoint else f" (tiny model trained {args.epochs} epoch(s) in {train_s:.0f} s)"))

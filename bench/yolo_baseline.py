@@ -24,8 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from aegir import pipelines  # noqa: E402
 from aegir.config import Settings  # noqa: E402
+from aegir.pipelines.dataset import build_dataset_from_images  # noqa: E402
 from aegir.store import lance_io  # noqa: E402
 from aegir.store.chip_codec import decode_chip  # noqa: E402
 from aegir.training.config import TrainConfig  # noqa: E402
@@ -75,7 +75,7 @@ def main() -> None:
     work = args.out or Path(tempfile.mkdtemp(prefix="aegir-yolo-baseline-"))
     settings = Settings(lancedb_root=str(work / "lancedb"))
     uri = str(work / "lancedb" / "training_data")
-    pipelines.build_dataset_from_images(settings, JIANG / "images", JIANG / "masks", uri, "jiang_pv01")
+    build_dataset_from_images(settings, JIANG / "images", JIANG / "masks", uri, "jiang_pv01")
     export = export_yolo_dataset(uri, work / "yolo", TrainConfig(), settings.lancedb_root, overwrite=True)
     check = check_yolo_dataset(export["data_yaml"], imgsz=args.imgsz)
     run = train_yolo_baseline(export["data_yaml"], work / "runs", model=args.model, epochs=args.epochs,

@@ -19,7 +19,7 @@
 # The Mask Factory turns cheap **prompts** (boxes or points, in pixels or lon/lat) into pixel **masks** that
 # can become training labels. This notebook runs the `offline` backend (GrabCut seeded by each box, then a
 # PV-aware clean-up; no downloaded weights) through the same entry point as
-# `aegir masks generate` / `aegir masks evaluate` (`aegir.pipelines.generate_masks`, `evaluate_masks`) on two
+# `aegir masks generate` / `aegir masks evaluate` (`aegir.pipelines.masks.generate_masks`, `evaluate_masks`) on two
 # real sources from `shared/data`:
 #
 # * **Jiang PV01** (60 UAV tiles, 0.1 m, with pixel ground truth): the prompts are one box per connected
@@ -49,10 +49,10 @@ import pandas as pd
 from IPython.display import display
 from PIL import Image as PILImage
 
-from aegir import pipelines
 from aegir.config import load_settings
-from aegir.utils.notebook import notebook_workspace, save_results, show_figure
+from aegir.pipelines.masks import evaluate_masks, generate_masks
 from aegir.store import image_files, mask_files
+from aegir.utils.notebook import notebook_workspace, save_results, show_figure
 from aegir.utils.quicklook import mask_overlay, outline
 
 NAME = "01_mask_factory_demo"
@@ -96,10 +96,10 @@ prompts.head()
 
 # %%
 t0 = time.perf_counter()
-jiang_report = pipelines.generate_masks(JIANG / "images", jiang_prompts, backend="offline",
+jiang_report = generate_masks(JIANG / "images", jiang_prompts, backend="offline",
                                         out_dir=WORK / "jiang_masks")
 mask_seconds = time.perf_counter() - t0
-offline = pipelines.evaluate_masks(WORK / "jiang_masks", JIANG / "masks")
+offline = evaluate_masks(WORK / "jiang_masks", JIANG / "masks")
 print(f"{len(jiang_report.written)} masks from {jiang_report.prompts_used} prompts in {mask_seconds:.1f} s "
       f"({jiang_report.backend} {jiang_report.backend_version})")
 print("skipped:", [s["reason"] for s in jiang_report.skipped])
@@ -115,7 +115,7 @@ for stem, path in image_files.mask_files_by_stem(JIANG / "masks").items():
     for row in prompts[prompts.filename.map(lambda f: Path(f).stem) == stem].itertuples():
         box[int(row.ymin):int(row.ymax), int(row.xmin):int(row.xmax)] = 255
     mask_files.write_mask_png(box, box_dir / f"{stem}.png")
-boxes = pipelines.evaluate_masks(box_dir, JIANG / "masks")
+boxes = evaluate_masks(box_dir, JIANG / "masks")
 
 summary = pd.DataFrame([{k: m[k] for k in ("images", "mean_iou", "pixel_iou", "mean_f1", "precision", "recall")}
                         for m in (offline, boxes)], index=["offline (GrabCut + refine)", "box only"])
@@ -185,7 +185,7 @@ show(figure, "jiang_overlays")
 
 # %%
 t0 = time.perf_counter()
-nrel_report = pipelines.generate_masks(NREL / "images", NREL / "annotations.csv", backend="offline",
+nrel_report = generate_masks(NREL / "images", NREL / "annotations.csv", backend="offline",
                                        out_dir=WORK / "nrel_masks")
 nrel_seconds = time.perf_counter() - t0
 annotations = pd.read_csv(NREL / "annotations.csv")

@@ -49,13 +49,14 @@ import pandas as pd
 import shapely
 from IPython.display import Image, display
 
-from aegir import pipelines
 from aegir.config import load_settings
-from aegir.utils.notebook import notebook_workspace, save_results, show_figure
+from aegir.pipelines.dataset import build_dataset_from_images, dataset_info
+from aegir.pipelines.masks import generate_masks
 from aegir.pipelines.quicklook import quicklook_training_data
 from aegir.store import lance_io, mask_files
 from aegir.store.chip_codec import decode_chip
 from aegir.utils import s2geometry
+from aegir.utils.notebook import notebook_workspace, save_results, show_figure
 
 NAME = "02_lance_training_data_browser"
 WORK = notebook_workspace(NAME)  # $NOTEBOOK_WORKDIR/<name>, else ./_work/<name>
@@ -84,10 +85,10 @@ print(f"python {sys.executable}\nworkspace {WORK}\nshared data {DATA}")
 
 # %%
 steps = []
-report = pipelines.build_dataset_from_images(settings, JIANG / "images", JIANG / "masks", URI, "jiang_pv01")
+report = build_dataset_from_images(settings, JIANG / "images", JIANG / "masks", URI, "jiang_pv01")
 steps.append({"step": "Jiang PV01 + ground truth", "inserted": report.inserted, "version": report.version,
               "skipped": len(report.skipped)})
-report = pipelines.build_dataset_from_images(settings, AUSTIN, None, URI, "austin_sol_searcher")
+report = build_dataset_from_images(settings, AUSTIN, None, URI, "austin_sol_searcher")
 steps.append({"step": "Austin tiles, no masks", "inserted": report.inserted, "version": report.version,
               "skipped": len(report.skipped)})
 
@@ -97,7 +98,7 @@ picked.mkdir()
 for path in sorted((JIANG / "images").glob("*.bmp"))[::8][:8]:
     (picked / path.name).symlink_to(path)
 mask_files.write_component_box_prompts(picked, JIANG / "masks", WORK / "mf_prompts.csv")
-mf = pipelines.generate_masks(picked, WORK / "mf_prompts.csv", "offline", WORK / "mf_masks", settings=settings,
+mf = generate_masks(picked, WORK / "mf_prompts.csv", "offline", WORK / "mf_masks", settings=settings,
                               lance_uri=URI, dataset="jiang_pv01")
 steps.append({"step": "Mask Factory (offline) over 8 Jiang rows", "inserted": mf.lance["inserted"],
               "updated": mf.lance["updated"], "version": mf.lance["version"], "skipped": 0})
@@ -110,7 +111,7 @@ pd.DataFrame(steps)
 
 # %%
 table = lance_io.open_training_table(URI, settings.lancedb_root, create=False)
-info = pipelines.dataset_info(settings, URI)
+info = dataset_info(settings, URI)
 RESULTS["info"] = {k: info[k] for k in ("rows", "version", "versions", "rows_with_mask", "rows_without_mask",
                                         "datasets", "s2_l13_cells")}
 pd.Series(info).to_frame("value")
@@ -141,7 +142,7 @@ display(cells.to_frame("rows"))
 # %% [markdown]
 # **By S2 cell.** Level-13 tokens are indexed (BTREE on `metadata.s2_token_l13`); the query plan shows the
 # index being used. Coarser: the level-10 parent of that cell (~10 km; also indexed). Any other level ≤ 17
-# is a cell-id range over the level-17 token: `--s2-prefix` of `aegir prompts export` / the `filter_s2_prefix`
+# is a cell-id range over the level-17 token: `--s2-prefix` of `aegir prompts export` / the `filter_s2_cell`
 # of a training config.
 
 # %%

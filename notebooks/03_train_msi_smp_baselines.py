@@ -52,14 +52,15 @@ import pandas as pd
 import rasterio
 from PIL import Image as PILImage
 
-from aegir import pipelines
 from aegir.config import load_settings
-from aegir.utils.notebook import notebook_workspace, save_results, show_figure
-from aegir.dataflows import msi, spectral_indices
+from aegir.dataflows import spectral_indices
+from aegir.pipelines.dataset import build_dataset_from_images
+from aegir.pipelines.predict import object_and_pixel_scores, predict_folder
+from aegir.store import msi_files as msi
 from aegir.store import image_files, lance_io, mask_files
 from aegir.training.config import TrainConfig
-from aegir.training.evaluate import object_and_pixel_scores, predict_folder
 from aegir.training.train import run_training
+from aegir.utils.notebook import notebook_workspace, save_results, show_figure
 from aegir.utils.quicklook import mask_overlay
 
 NAME = "03_train_msi_smp_baselines"
@@ -95,7 +96,7 @@ print(f"python {sys.executable}\nworkspace {WORK}\nshared data {DATA}\ntorch thr
 
 # %%
 JIANG_URI = str(WORK / "lancedb" / "jiang")
-build = pipelines.build_dataset_from_images(settings, JIANG / "images", JIANG / "masks", JIANG_URI, "jiang_pv01")
+build = build_dataset_from_images(settings, JIANG / "images", JIANG / "masks", JIANG_URI, "jiang_pv01")
 vhr_config = TrainConfig(arch="unet", encoder="resnet18", inputs="vhr", max_epochs=15, batch_size=8,
                          crop_size=128, warmup_epochs=1, lr=2e-3, accelerator="cpu", threads=THREADS,
                          wandb=False, progress_bar=False, log_every_n_steps=1)
@@ -203,7 +204,7 @@ for r in range(6):
         mask_files.write_mask_png(mask * 255, masks_dir / f"{stem}.png")
         water.append(mask.mean())
 MSI_URI = str(WORK / "lancedb" / "s2_water")
-msi_build = pipelines.build_dataset_from_images(settings, tiles_dir, masks_dir, MSI_URI, "s2_scene_water",
+msi_build = build_dataset_from_images(settings, tiles_dir, masks_dir, MSI_URI, "s2_scene_water",
                                                 msi_dir=str(SCENE))
 row = lance_io.open_training_table(MSI_URI, settings.lancedb_root, create=False).to_lance().to_table(
     columns={"msi_shape": "metadata.msi_shape", "msi_bands": "metadata.msi_bands"}, limit=1).to_pylist()[0]

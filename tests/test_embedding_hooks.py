@@ -17,11 +17,11 @@ import pytest
 import shapely
 from typer.testing import CliRunner
 
-from aegir import pipelines
 from aegir.cli import app
 from aegir.dataflows import backfill, validation
-from aegir.pipelines import tile_search
-from aegir.pipelines.flywheel_steps import _detection_tiles
+from aegir.pipelines import embeddings
+from aegir.pipelines.flywheel_steps import detection_tiles
+from aegir.pipelines.plan import plan_grid
 from aegir.pipelines.region import infer_region
 from aegir.store import ducklake, embedding_store
 from aegir.store.lance_io import StoreError
@@ -49,15 +49,15 @@ def region(trained, tmp_path_factory):
     decisions = pa.table({"decision": np.where(rectangularity >= np.median(rectangularity), "accept",
                                                "reject").tolist()})
     encoder = encoder_from_checkpoint(trained[1]["best_checkpoint"], "cpu")
-    first = tile_search.embed_region_tiles(settings, encoder, tiles, PLAN_LEVEL, WINDOW, batch_size=16)
-    second = tile_search.embed_region_tiles(settings, encoder, tiles, PLAN_LEVEL, WINDOW, batch_size=16)
+    first = embeddings.embed_region_tiles(settings, encoder, tiles, PLAN_LEVEL, WINDOW, batch_size=16)
+    second = embeddings.embed_region_tiles(settings, encoder, tiles, PLAN_LEVEL, WINDOW, batch_size=16)
     return {"settings": settings, "tiles": tiles, "encoder": encoder, "detections": detections,
-            "decisions": decisions, "detection_tiles": _detection_tiles(detections, tiles), "first": first,
+            "decisions": decisions, "detection_tiles": detection_tiles(detections, tiles), "first": first,
             "second": second, "root": root}
 
 
 def _windows(region) -> pa.Table:
-    table = tile_search.tile_table(region["settings"])
+    table = embeddings.tile_table(region["settings"])
     return embedding_store.tile_windows(table, region["encoder"].model_id, region["first"].region,
                                         ["uuid", "vector", "footprint_wkb", "cell_token", "tile_path", "window_col",
                                          "window_row", "window_px"])
@@ -74,7 +74,7 @@ def _unit(vectors: np.ndarray) -> np.ndarray:
 
 def test_tile_windows_cover_every_tile_once_per_model(region):
     first, second = region["first"], region["second"]
-    tiles, _ = tile_search._index_tiles(region["tiles"])
+    tiles, _ = embeddings._index_tiles(region["tiles"])
 
     def starts(n: int) -> int:  # windows along one side: every WINDOW px, the last flush with the edge
         return len(range(0, n - WINDOW + 1, WINDOW)) + ((n - WINDOW) % WINDOW != 0)
@@ -93,7 +93,7 @@ def test_tile_windows_cover_every_tile_once_per_model(region):
     centres = shapely.centroid(footprints)
     tokens = s2geometry.s2_tokens(shapely.get_y(centres), shapely.get_x(centres), PLAN_LEVEL).tolist()
     assert windows["cell_token"].to_pylist() == tokens
-    plan_cells = set(pipelines.plan_grid(region["settings"], "cells", union, plan_level=PLAN_LEVEL)["cell_token"]
+    plan_cells = set(plan_grid(region["settings"], "cells", union, plan_level=PLAN_LEVEL)["cell_token"]
                      .to_pylist())
     assert set(tokens) <= plan_cells and first.cells == len(set(tokens)) > 1
 
@@ -101,9 +101,9 @@ def test_tile_windows_cover_every_tile_once_per_model(region):
 def test_stored_vector_is_the_window_encoded_again(region):
     windows = _windows(region).to_pylist()
     row = windows[len(windows) // 2 + 1]
-    tile = next(t for t in tile_search._index_tiles(region["tiles"])[0]
+    tile = next(t for t in embeddings._index_tiles(region["tiles"])[0]
                 if str(Path(t.path).absolute()) == row["tile_path"])
-    chip = geo.chip_window(tile_search._read_tile(tile), row["window_col"], row["window_row"], row["window_px"])
+    chip = geo.chip_window(embeddings._read_tile(tile), row["window_col"], row["window_row"], row["window_px"])
     again = _unit(region["encoder"].encode(chip.rgb8()[None]))[0]
     np.testing.assert_allclose(again, np.array(row["vector"]), atol=1e-5)
 
@@ -143,7 +143,7 @@ def _overlapping(region, geometries) -> set[str]:
 def test_mined_negatives_are_the_nearest_windows_outside_accepted_areas(region):
     args = (region["settings"], region["encoder"], region["detections"], region["decisions"],
             region["detection_tiles"], region["tiles"])
-    proposals = tile_search.mine_hard_negatives(*args, crop_px=WINDOW, mine_k=3, max_mined=1000, round_index=4)
+    proposals = embeddings.mine_hard_negatives(*args, crop_px=WINDOW, mine_k=3, max_mined=1000, round_index=4)
     rejected = backfill.rejected_detections(region["detections"], region["decisions"], 64)
     chips = backfill.hard_negative_chips(rejected, region["detection_tiles"], WINDOW)
     assert len(chips) >= 3
@@ -164,17 +164,17 @@ def test_mined_negatives_are_the_nearest_windows_outside_accepted_areas(region):
     assert accepted and not _overlapping(region, accepted) & set(got)
     assert not excluded & set(got)
     # capped to the nearest ones, idempotent
-    capped = tile_search.mine_hard_negatives(*args, crop_px=WINDOW, mine_k=3, max_mined=2, round_index=4)
+    capped = embeddings.mine_hard_negatives(*args, crop_px=WINDOW, mine_k=3, max_mined=2, round_index=4)
     assert capped["window_uuid"].to_pylist() == proposals["window_uuid"].to_pylist()[:2]
-    again = tile_search.mine_hard_negatives(*args, crop_px=WINDOW, mine_k=3, max_mined=1000, round_index=4)
+    again = embeddings.mine_hard_negatives(*args, crop_px=WINDOW, mine_k=3, max_mined=1000, round_index=4)
     assert again.equals(proposals)
 
 
 def test_mined_windows_become_training_chips_of_their_stored_pixels(region):
     args = (region["settings"], region["encoder"], region["detections"], region["decisions"],
             region["detection_tiles"], region["tiles"])
-    proposals = tile_search.mine_hard_negatives(*args, crop_px=WINDOW, mine_k=2, max_mined=3)
-    chips = tile_search.window_chips(proposals, region["tiles"])
+    proposals = embeddings.mine_hard_negatives(*args, crop_px=WINDOW, mine_k=2, max_mined=3)
+    chips = embeddings.window_chips(proposals, region["tiles"])
     assert [c.extras["sample_id"] for c in chips] == proposals["window_uuid"].to_pylist()
     vectors = {r["uuid"]: r["vector"] for r in _windows(region).to_pylist()}
     for chip, row in zip(chips, proposals.to_pylist()):
@@ -187,7 +187,7 @@ def test_mined_windows_become_training_chips_of_their_stored_pixels(region):
 def test_similar_tiles_boost_their_cells_to_the_front_of_the_next_plan(region, tmp_path):
     args = (region["settings"], region["encoder"], region["detections"], region["decisions"],
             region["detection_tiles"], region["tiles"])
-    hits, boosts = tile_search.find_similar_tiles(*args, crop_px=WINDOW, similar_k=2, max_queries=2)
+    hits, boosts = embeddings.find_similar_tiles(*args, crop_px=WINDOW, similar_k=2, max_queries=2)
     accepted = backfill.accepted_detections(region["detections"], region["decisions"], 2)
     chips = backfill.accepted_chips(accepted, region["detection_tiles"], WINDOW)
     excluded = _overlapping(region, _decided(region, "accept", "needs_review"))
@@ -204,8 +204,8 @@ def test_similar_tiles_boost_their_cells_to_the_front_of_the_next_plan(region, t
         assert boosts[token] == pytest.approx(expected_boosts[token], abs=1e-4)
     # a fresh lakehouse: the unboosted plan order vs the boosted one, and the order inference runs the cells in
     fresh = make_settings(tmp_path)
-    aoi = shapely.union_all([t.footprint for t in tile_search._index_tiles(region["tiles"])[0]])
-    plain = pipelines.plan_grid(fresh, "plain", aoi, plan_level=PLAN_LEVEL)["cell_token"].to_pylist()
+    aoi = shapely.union_all([t.footprint for t in embeddings._index_tiles(region["tiles"])[0]])
+    plain = plan_grid(fresh, "plain", aoi, plan_level=PLAN_LEVEL)["cell_token"].to_pylist()
     wanted = sorted(boosts, key=lambda t: (-boosts[t], plain.index(t)))
     assert 0 < len(boosts) < len(plain)
     assert plain[: len(boosts)] != wanted  # without the boosts they would not come first
@@ -220,7 +220,7 @@ def test_similar_tiles_boost_their_cells_to_the_front_of_the_next_plan(region, t
     assert [r["cell_token"] for r in stored][: len(boosts)] == wanted
     assert all((r["boost"] > 0) == (r["cell_token"] in boosts) for r in stored)
     # boosting an existing plan re-ranks it and keeps the statuses
-    again = pipelines.plan_grid(fresh, "plain", aoi, plan_level=PLAN_LEVEL, cell_boosts=boosts)
+    again = plan_grid(fresh, "plain", aoi, plan_level=PLAN_LEVEL, cell_boosts=boosts)
     assert again["cell_token"].to_pylist()[: len(boosts)] == wanted
     assert set(again["status"].to_pylist()) == {"pending"}
 
@@ -228,14 +228,14 @@ def test_similar_tiles_boost_their_cells_to_the_front_of_the_next_plan(region, t
 def test_hooks_need_the_windows_of_the_same_model(region, tmp_path):
     other = make_settings(tmp_path)
     with pytest.raises(StoreError, match="embed-tiles"):  # no tile_embeddings table at all
-        tile_search.mine_hard_negatives(other, region["encoder"], region["detections"], region["decisions"],
+        embeddings.mine_hard_negatives(other, region["encoder"], region["detections"], region["decisions"],
                                         region["detection_tiles"], region["tiles"])
-    tile_search.tile_table(other, dim=region["encoder"].dim)  # a table, but no window of this model
+    embeddings.tile_table(other, dim=region["encoder"].dim)  # a table, but no window of this model
     with pytest.raises(ValueError, match="embed-tiles"):
-        tile_search.find_similar_tiles(other, region["encoder"], region["detections"], region["decisions"],
+        embeddings.find_similar_tiles(other, region["encoder"], region["detections"], region["decisions"],
                                        region["detection_tiles"], region["tiles"])
     with pytest.raises(ValueError, match="cell boosts"):
-        pipelines.plan_grid(other, "bad", shapely.box(-97.70, 30.29, -97.69, 30.30), plan_level=PLAN_LEVEL,
+        plan_grid(other, "bad", shapely.box(-97.70, 30.29, -97.69, 30.30), plan_level=PLAN_LEVEL,
                             cell_boosts={"8644b5f7": -1.0})
 
 

@@ -7,8 +7,9 @@ import pytest
 import s2cell
 import shapely
 
-from aegir import pipelines
 from aegir.dataflows import grid_plan
+from aegir.pipelines.labels import import_labels
+from aegir.pipelines.plan import plan_grid
 from aegir.sample_data import sample_label_set
 from aegir.store import ducklake
 
@@ -18,7 +19,7 @@ BOSTON = shapely.box(-71.10, 42.30, -71.00, 42.38)  # lon/lat, central Boston
 @pytest.fixture()
 def boston_lake(settings):
     item = sample_label_set("ornl_boston")
-    pipelines.import_labels(settings, item.path(settings.sample_data_dir), item.dataset)
+    import_labels(settings, item.path(settings.sample_data_dir), item.dataset)
     return settings
 
 
@@ -32,7 +33,7 @@ def _labels(settings) -> np.ndarray:
 
 
 def test_plan_covers_the_aoi_and_ranks_cells_with_labels_first(boston_lake):
-    plan = pipelines.plan_grid(boston_lake, "boston", BOSTON, plan_level=14, context_level=11)
+    plan = plan_grid(boston_lake, "boston", BOSTON, plan_level=14, context_level=11)
     tokens = plan["cell_token"].to_pylist()
     assert len(tokens) == len(set(tokens)) == len(grid_plan.plan_cells(BOSTON, 14))
     union = shapely.union_all([shapely.Polygon(s2_cell(t)) for t in tokens])
@@ -68,7 +69,7 @@ def test_context_counts_use_the_ancestor_cell():
 
 
 def test_status_updates_persist_and_replanning_keeps_them(boston_lake):
-    plan = pipelines.plan_grid(boston_lake, "boston", BOSTON, plan_level=14)
+    plan = plan_grid(boston_lake, "boston", BOSTON, plan_level=14)
     first, second = plan["cell_token"][0].as_py(), plan["cell_token"][1].as_py()
     con = ducklake.connect(boston_lake)
     try:
@@ -81,7 +82,7 @@ def test_status_updates_persist_and_replanning_keeps_them(boston_lake):
             ducklake.set_cell_status(con, boston_lake, "boston", "89c25", "done")
     finally:
         con.close()
-    again = pipelines.plan_grid(boston_lake, "boston", BOSTON, plan_level=14)  # re-plan: nothing is reset
+    again = plan_grid(boston_lake, "boston", BOSTON, plan_level=14)  # re-plan: nothing is reset
     rows = {r["cell_token"]: r for r in again.to_pylist()}
     assert rows[first]["status"] == "done" and rows[first]["attempts"] == 1
     assert rows[second]["status"] == "failed" and "truncated" in rows[second]["message"]

@@ -10,7 +10,7 @@ import pytest
 import s2cell
 import shapely
 
-from aegir import pipelines
+from aegir.pipelines.labels import import_labels, list_datasets
 from aegir.sample_data import SAMPLE_LABEL_SETS, sample_label_set
 from aegir.store import ducklake
 from aegir.store.label_files import LabelFileError
@@ -27,18 +27,18 @@ def _table(settings, dataset: str):
 @pytest.mark.parametrize("item", SAMPLE_LABEL_SETS, ids=lambda s: s.dataset)
 def test_shared_label_sets_import_with_exact_counts_twice(settings, item):
     path = item.path(settings.sample_data_dir)
-    first = pipelines.import_labels(settings, path, item.dataset, doi=item.doi)
+    first = import_labels(settings, path, item.dataset, doi=item.doi)
     assert (first.commit.inserted, first.commit.quarantined) == (item.rows, 0)
-    second = pipelines.import_labels(settings, path, item.dataset, doi=item.doi)
+    second = import_labels(settings, path, item.dataset, doi=item.doi)
     assert (second.commit.inserted, second.commit.already_present) == (0, item.rows)
     assert second.commit.snapshot_id >= first.commit.snapshot_id
-    summary = {s["dataset"]: s for s in pipelines.list_datasets(settings)}
+    summary = {s["dataset"]: s for s in list_datasets(settings)}
     assert summary[item.dataset]["rows"] == item.rows
 
 
 def test_ornl_lambert_equal_area_is_reprojected_to_boston_and_area_is_geodesic(settings):
     item = sample_label_set("ornl_boston")
-    pipelines.import_labels(settings, item.path(settings.sample_data_dir), item.dataset)
+    import_labels(settings, item.path(settings.sample_data_dir), item.dataset)
     table = _table(settings, "ornl_boston")
     lat, lon = np.array(table["centroid_lat"]), np.array(table["centroid_lon"])
     assert 42.2 < lat.min() and lat.max() < 42.45 and -71.2 < lon.min() and lon.max() < -70.95
@@ -52,7 +52,7 @@ def test_ornl_lambert_equal_area_is_reprojected_to_boston_and_area_is_geodesic(s
 
 def test_tokens_equal_s2cell_and_h3_and_schema_columns(settings):
     item = sample_label_set("osm_austria")
-    pipelines.import_labels(settings, item.path(settings.sample_data_dir), item.dataset)
+    import_labels(settings, item.path(settings.sample_data_dir), item.dataset)
     table = _table(settings, "osm_austria")
     expected = {
         "dataset_name", "source_file", "geometry_wkt", "geometry_wkb", "area_m2", "centroid_lat", "centroid_lon",
@@ -75,7 +75,7 @@ def test_invalid_india_polygons_are_repaired_not_dropped(settings):
 
     raw = pyogrio.read_dataframe(source)
     assert (~shapely.is_valid(raw.geometry.values)).sum() > 0  # the real file has self-intersections
-    pipelines.import_labels(settings, source, item.dataset)
+    import_labels(settings, source, item.dataset)
     table = _table(settings, item.dataset)
     geometry = shapely.from_wkb(table["geometry_wkb"].to_numpy(zero_copy_only=False))
     assert table.num_rows == 1363 and shapely.is_valid(geometry).all()
@@ -84,7 +84,7 @@ def test_invalid_india_polygons_are_repaired_not_dropped(settings):
 
 def test_uspvdb_points_keep_source_columns_and_dates(settings):
     item = sample_label_set("uspvdb")
-    pipelines.import_labels(settings, item.path(settings.sample_data_dir), item.dataset, doi=item.doi)
+    import_labels(settings, item.path(settings.sample_data_dir), item.dataset, doi=item.doi)
     table = _table(settings, item.dataset)
     assert table.num_rows == 5712 and "case_id" in table.column_names and "p_cap_ac" in table.column_names
     row = table.slice(0, 1).to_pylist()[0]
@@ -103,7 +103,7 @@ def test_csv_bad_rows_are_quarantined_and_good_rows_land(settings, tmp_path):
     bad = lines[2].split(",")
     bad[header.index("ylat")] = "not-a-number"
     csv.write_text("\n".join([lines[0], lines[1], ",".join(bad), lines[3]]) + "\n")
-    report = pipelines.import_labels(settings, csv, "uspv_sample")
+    report = import_labels(settings, csv, "uspv_sample")
     assert (report.commit.inserted, report.commit.quarantined) == (2, 1)
     assert list(report.problems) == [1] and "not-a-number" in report.problems[1]
     con = ducklake.connect(settings)
@@ -113,7 +113,7 @@ def test_csv_bad_rows_are_quarantined_and_good_rows_land(settings, tmp_path):
         con.close()
     assert rows[0]["source_row"] == 1 and rows[0]["source_file"] == str(csv)
     assert json.loads(rows[0]["raw_record"])["ylat"] == "not-a-number"
-    again = pipelines.import_labels(settings, csv, "uspv_sample")
+    again = import_labels(settings, csv, "uspv_sample")
     assert (again.commit.inserted, again.commit.quarantined) == (0, 0)
 
 
@@ -121,7 +121,7 @@ def test_csv_without_coordinates_names_the_file(settings, tmp_path):
     csv = tmp_path / "nocoords.csv"
     csv.write_text("name,capacity\na,1\n")
     with pytest.raises(LabelFileError, match=r"nocoords\.csv: no longitude column"):
-        pipelines.import_labels(settings, csv, "nocoords")
+        import_labels(settings, csv, "nocoords")
 
 
 def test_shapefile_without_prj_is_an_error_unless_crs_given(settings, tmp_path):
@@ -129,9 +129,9 @@ def test_shapefile_without_prj_is_an_error_unless_crs_given(settings, tmp_path):
     for suffix in (".shp", ".shx", ".dbf"):
         shutil.copy(source / f"panels_man_dc{suffix}", tmp_path / f"dc{suffix}")
     with pytest.raises(LabelFileError, match=r"dc\.shp: the file declares no CRS \(the \.prj"):
-        pipelines.import_labels(settings, tmp_path / "dc.shp", "ornl_dc")
+        import_labels(settings, tmp_path / "dc.shp", "ornl_dc")
     prj = (source / "panels_man_dc.prj").read_text()
-    report = pipelines.import_labels(settings, tmp_path / "dc.shp", "ornl_dc", crs=prj)
+    report = import_labels(settings, tmp_path / "dc.shp", "ornl_dc", crs=prj)
     assert report.commit.inserted == 1013
     lat = np.array(_table(settings, "ornl_dc")["centroid_lat"])
     assert 38.8 < lat.min() and lat.max() < 39.0
@@ -139,11 +139,11 @@ def test_shapefile_without_prj_is_an_error_unless_crs_given(settings, tmp_path):
 
 def test_corrupt_file_is_a_clear_error_and_keeps_existing_data(settings, tmp_path):
     item = sample_label_set("ornl_boston")
-    pipelines.import_labels(settings, item.path(settings.sample_data_dir), item.dataset)
+    import_labels(settings, item.path(settings.sample_data_dir), item.dataset)
     corrupt = tmp_path / "broken.geojson"
     corrupt.write_text('{"type": "FeatureCollection", "features": [ {"type": "Feat')
     with pytest.raises(LabelFileError, match=r"broken\.geojson: cannot read"):
-        pipelines.import_labels(settings, corrupt, item.dataset)
+        import_labels(settings, corrupt, item.dataset)
     assert _table(settings, item.dataset).num_rows == 782
 
 
@@ -159,7 +159,7 @@ def test_empty_and_invalid_geometries(settings, tmp_path):
     ]
     path = tmp_path / "mixed.geojson"
     path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
-    report = pipelines.import_labels(settings, path, "mixed")
+    report = import_labels(settings, path, "mixed")
     assert report.commit.inserted == 2
     assert set(report.problems) == {1, 2, 4}
     assert "missing" in report.problems[1] and "empty" in report.problems[2] and "repaired" in report.problems[4]
@@ -175,8 +175,8 @@ def test_geopackage_and_geoparquet_import(settings, tmp_path):
     frame = gpd.read_file(sample_label_set("osm_austria").path(settings.sample_data_dir)).head(50)
     frame.to_crs("EPSG:31287").to_file(tmp_path / "at.gpkg")
     frame.to_parquet(tmp_path / "at.parquet")
-    from_gpkg = pipelines.import_labels(settings, tmp_path / "at.gpkg", "at_gpkg")
-    from_parquet = pipelines.import_labels(settings, tmp_path / "at.parquet", "at_parquet")
+    from_gpkg = import_labels(settings, tmp_path / "at.gpkg", "at_gpkg")
+    from_parquet = import_labels(settings, tmp_path / "at.parquet", "at_parquet")
     assert from_gpkg.commit.inserted == from_parquet.commit.inserted == 50
     a, b = _table(settings, "at_gpkg"), _table(settings, "at_parquet")
     assert np.allclose(a["centroid_lat"], b["centroid_lat"], atol=1e-7)

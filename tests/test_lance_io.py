@@ -10,21 +10,22 @@ import pyarrow as pa
 import pytest
 import shapely
 
+from aegir.store.chip_codec import decode_raw_array, encode_raw_array
 from aegir.store.lance_io import (
     INDEX_COLUMNS,
     TRAINING_DATA_SCHEMA,
     StoreError,
     UpsertResult,
     build_where_clause,
-    decode_raw_array,
-    encode_raw_array,
     ensure_scalar_indexes,
     filter_rows,
     open_training_table,
     read_version,
     resolve_table_location,
+    stored_s2_levels,
     table_summary,
     table_versions,
+    training_data_schema,
     upsert_training_rows,
 )
 
@@ -227,6 +228,23 @@ def test_table_summary(filled) -> None:
     assert summary["s2_l13_cells"] == 3
     assert summary["datasets"] == {"ds_a": 6, "ds_b": 4}
     assert (summary["rows_with_mask"], summary["rows_without_mask"]) == (5, 5)
+
+
+def test_schema_follows_the_configured_s2_levels_and_h3_resolution(tmp_path: Path) -> None:
+    assert training_data_schema().equals(TRAINING_DATA_SCHEMA)
+    assert training_data_schema((17, 10, 13), 12).equals(TRAINING_DATA_SCHEMA)  # levels are sorted
+    table = open_training_table("custom", str(tmp_path), s2_levels=(12, 8), h3_resolution=9)
+    names = [f.name for f in table.schema.field("metadata").type]
+    assert stored_s2_levels(table.schema) == (8, 12) and "h3_9" in names and "s2_token_l10" not in names
+    row = make_row(0)
+    meta = {k: v for k, v in row["metadata"].items() if not k.startswith(("s2_token_", "h3_"))}
+    custom = {**row, "metadata": {**meta, "s2_token_l8": "89c", "s2_token_l12": "89c25", "h3_9": "892a1008"}}
+    assert upsert_training_rows(table, [custom]).inserted == 1
+    with pytest.raises(StoreError, match=r"unknown field\(s\) \['h3_12', 's2_token_l10'"):
+        upsert_training_rows(table, [make_row(1)])  # rows of the default levels do not fit this table
+    assert ensure_scalar_indexes(table) == ["uuid", "metadata.dataset", "metadata.s2_token_l8",
+                                            "metadata.s2_token_l12"]
+    assert open_training_table("custom", str(tmp_path), create=False).count_rows() == 1
 
 
 @pytest.mark.parametrize(

@@ -15,11 +15,13 @@ from PIL import Image
 from scipy import ndimage as ndi
 from typer.testing import CliRunner
 
-from aegir import pipelines
 from aegir.cli import app
-from aegir.dataflows.sam_mask_factory import image_rgb
-from aegir.masks.base import MaskBackendError, available_backends, get_backend
+from aegir.dataflows.mask_factory import image_rgb
+from aegir.masks import available_backends, get_backend
+from aegir.masks.base import MaskBackendError
 from aegir.masks.prompts import PromptError, georeferenced_prompts, pixel_prompts, prompts_to_lonlat
+from aegir.pipelines.dataset import build_dataset_from_images
+from aegir.pipelines.masks import evaluate_masks, generate_masks
 from aegir.store.image_files import list_image_files, read_mask
 from aegir.store.mask_files import read_image_chip
 
@@ -54,9 +56,9 @@ def jiang_prompts(tmp_path_factory) -> Path:
 
 
 def test_offline_backend_reaches_iou_085_on_jiang_with_ground_truth_component_boxes(jiang_prompts, tmp_path):
-    report = pipelines.generate_masks(JIANG / "images", jiang_prompts, "offline", tmp_path / "pred")
+    report = generate_masks(JIANG / "images", jiang_prompts, "offline", tmp_path / "pred")
     assert len(report.written) == 60 and report.prompts_used == 329
-    result = pipelines.evaluate_masks(tmp_path / "pred", JIANG / "masks")
+    result = evaluate_masks(tmp_path / "pred", JIANG / "masks")
     with_pv = [v["iou"] for v in result["per_image"].values() if v["truth_px"] > 0]
     assert len(with_pv) == 59
     assert np.mean(with_pv) >= 0.85, np.mean(with_pv)
@@ -138,11 +140,12 @@ def test_empty_prompt_file_and_unknown_backend_are_clear_errors(tmp_path):
     empty = tmp_path / "empty.csv"
     empty.write_text("")
     header_only = write_csv(tmp_path / "header.csv", [])
-    for path in (empty, header_only):
+    for path, message in ((empty, "the prompt file is empty"), (header_only, "the prompt file holds no prompts")):
         result = runner.invoke(app, ["masks", "generate", "--images", str(NREL / "images"), "--prompts", str(path),
                                      "--backend", "offline", "--out", str(tmp_path / "out")])
-        assert result.exit_code == 1 and "no prompts" in result.output + (result.stderr or "") \
-            or "empty" in result.output + (result.stderr or "")
+        assert result.exit_code == 1, result.output
+        assert f"{path}: {message}" in result.output + (result.stderr or ""), result.output
+        assert not (tmp_path / "out").exists()  # nothing written before the error
     result = runner.invoke(app, ["masks", "generate", "--images", str(NREL / "images"), "--prompts",
                                  str(NREL / "annotations.csv"), "--backend", "nope", "--out", str(tmp_path / "o")])
     assert result.exit_code == 1 and "unknown mask backend" in result.output + (result.stderr or "")
@@ -246,8 +249,17 @@ def test_sam_plumbing_with_an_untrained_model_one_encoder_pass_for_all_prompts()
     result = backend.segment(image_rgb(chip), prompts)
     assert len(calls) == 1 and calls[0][-2:] == (1024, 1024)   # one encoder pass for 4 prompts
     assert result.masks.shape == (4, 640, 640) and result.masks.dtype == bool
-    assert np.all((0 <= result.confidence) & (result.confidence <= 1))
-    assert np.all((0 <= result.stability) & (result.stability <= 1))
+    assert result.confidence.shape == result.stability.shape == (4,)
+    for i in range(4):  # each prompt alone through SamPredictor.predict (numpy path, no re-encode): same answer
+        kwargs = ({"box": prompts.boxes[i]} if prompts.is_box[i]
+                  else {"point_coords": prompts.points[i][None], "point_labels": np.array([1])})
+        logits, iou, _ = predictor.predict(multimask_output=False, return_logits=True, **kwargs)
+        assert (result.masks[i] == (logits[0] > 0)).mean() > 0.999
+        # untrained: predicted IoU ≈ -0.12 (clipped to 0), logits within ±1 (stability 0)
+        assert result.confidence[i] == pytest.approx(np.clip(iou[0], 0.0, 1.0), abs=1e-5)
+        high, low = (logits[0] > 1.0).sum(), (logits[0] > -1.0).sum()
+        assert result.stability[i] == pytest.approx(high / low if low else 0.0, abs=1e-5)
+    assert len(calls) == 1  # the per-prompt checks above reused the one image embedding
     assert backend.params["trained_weights"] is False
 
 
@@ -278,10 +290,10 @@ def test_generated_masks_upsert_into_training_data_as_a_new_version(jiang_prompt
 
     settings = make_settings(tmp_path)
     uri = str(tmp_path / "lancedb" / "training_data")
-    pipelines.build_dataset_from_images(settings, JIANG / "images", JIANG / "masks", uri, "jiang_pv01")
+    build_dataset_from_images(settings, JIANG / "images", JIANG / "masks", uri, "jiang_pv01")
     table = lance_io.open_training_table(uri, settings.lancedb_root, create=False)
     before = table.version
-    report = pipelines.generate_masks(JIANG / "images", jiang_prompts, "offline", tmp_path / "pred",
+    report = generate_masks(JIANG / "images", jiang_prompts, "offline", tmp_path / "pred",
                                       settings=settings, lance_uri=uri, dataset="jiang_pv01")
     assert report.lance["updated"] == 59 and report.lance["inserted"] == 0  # the tile without PV has no prompts
     table = lance_io.open_training_table(uri, settings.lancedb_root, create=False)

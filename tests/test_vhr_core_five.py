@@ -18,9 +18,9 @@ import pytest
 import xarray as xr
 from rasterio.crs import CRS
 
-from aegir.dataflows import vhr_core_five_loader
-from aegir.dataflows.vhr_core_five_loader import core_five_chips, core_five_file, core_five_tree
-from aegir.dataflows.vhr_loaders import geotiff_chip, named_tile_chip, raster_window
+from aegir.store import core_five
+from aegir.store.core_five import core_five_chips, core_five_file, core_five_tree
+from aegir.store.rasters import geotiff_chip, named_tile_chip, raster_window
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 JIANG = SHARED / "vhr" / "jiang_pv01" / "images" / "PV01_324942_1203839.bmp"
@@ -139,6 +139,6 @@ def test_file_from_a_local_path_or_the_hub_cache_offline(sample: Path, tmp_path:
 def test_core_five_runs_as_a_hamilton_dag(sample: Path) -> None:
     from hamilton import base, driver
 
-    dr = driver.Builder().with_modules(vhr_core_five_loader).with_adapters(base.DictResult()).build()
+    dr = driver.Builder().with_modules(core_five).with_adapters(base.DictResult()).build()
     out = dr.execute(["core_five_chips"], inputs={"core_five_path": str(sample), "core_five_modality": "s2"})
     assert len(out["core_five_chips"]) == 2

@@ -20,8 +20,8 @@ import pytest
 import rasterio
 from rasterio.crs import CRS
 
-from aegir.dataflows.vhr_loaders import geotiff_chip, raster_window
-from aegir.dataflows.vhr_satellogic_earthview_loader import earthview_chips, earthview_table
+from aegir.store.rasters import geotiff_chip, raster_window
+from aegir.store.earthview import earthview_chips, earthview_table
 from aegir.utils import geo
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -14,10 +14,9 @@ from rasterio.crs import CRS
 from rasterio.warp import transform_bounds
 from shapely.geometry import box, mapping
 
-from aegir.dataflows import vhr_core_five_loader, vhr_loaders, vhr_satellogic_earthview_loader
-from aegir.dataflows.vhr_loaders import (
-    geotiff_chip, named_tile_chip, raster_window, stac_asset_chips, stac_catalog, stac_items,
-)
+from aegir.store import core_five, earthview, rasters, stac
+from aegir.store.rasters import geotiff_chip, named_tile_chip, raster_window
+from aegir.store.stac import stac_asset_chips, stac_catalog, stac_items
 from aegir.utils import geo
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -234,7 +233,7 @@ def test_stac_asset_window_loads_through_the_catalog(catalog_href: str) -> None:
 def test_loaders_run_as_a_hamilton_dag(catalog_href: str) -> None:
     from hamilton import base, driver
 
-    modules = (vhr_loaders, vhr_satellogic_earthview_loader, vhr_core_five_loader)
+    modules = (rasters, stac, earthview, core_five)
     dr = driver.Builder().with_modules(*modules).with_adapters(base.DictResult()).build()
     out = dr.execute(
         ["geotiff_chip", "stac_asset_chips", "named_tile_chip"],

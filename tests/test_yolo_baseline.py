@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import yaml
 
-from aegir import pipelines
-from aegir.store import lance_io
+from aegir.pipelines.dataset import build_dataset_from_images
+from aegir.store import lance_io, yolo_files
 from aegir.store.chip_codec import decode_chip
 from aegir.training import yolo_baseline as yb
 from aegir.training.config import TrainConfig
@@ -33,7 +33,7 @@ def jiang_export(tmp_path_factory):
     root = tmp_path_factory.mktemp("yolo")
     settings = make_settings(root)
     uri = str(root / "lancedb" / "training_data")
-    pipelines.build_dataset_from_images(settings, JIANG / "images", JIANG / "masks", uri, "jiang_pv01")
+    build_dataset_from_images(settings, JIANG / "images", JIANG / "masks", uri, "jiang_pv01")
     report = yb.export_yolo_dataset(uri, root / "export", TrainConfig(), settings.lancedb_root)
     return settings, uri, report
 
@@ -84,7 +84,7 @@ def test_images_are_the_chips_and_polygons_rasterise_back_to_the_masks(jiang_exp
         assert np.array_equal(png[..., ::-1], np.moveaxis(chip, 0, -1))
         lines = label.read_text().splitlines()
         assert all(line.split()[0] == "0" and len(line.split()) >= 7 and len(line.split()) % 2 == 1 for line in lines)
-        polygons = yb.read_label_polygons(label)
+        polygons = yolo_files.read_label_polygons(label)
         assert all(((p >= 0) & (p < 1)).all() for p in polygons)
         back = yb.polygons_to_mask(polygons, mask.shape) > 0
         if not mask.any():
@@ -142,7 +142,7 @@ def test_ultralytics_checker_flags_a_broken_label(jiang_export, ultralytics, tmp
     _, _, report = jiang_export
     out = tmp_path / "broken"
     shutil.copytree(report["out_dir"], out, ignore=shutil.ignore_patterns("*.cache"))
-    yb.write_data_yaml(out)
+    yolo_files.write_data_yaml(out, SPLITS, yb.CLASS_NAMES)
     label = sorted((out / "labels" / "val").glob("*.txt"))[0]
     label.write_text(label.read_text() + "0 0.5 0.5 1.7 0.5 0.6 0.9\n")  # x = 1.7: off the image
     result = yb.check_yolo_dataset(out / "data.yaml")

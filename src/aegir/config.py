@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 ENV_PREFIX = "AEGIR_"
+DEFAULT_S2_LEVELS: tuple[int, ...] = (10, 13, 17)  # S2 token levels stored with labels and training rows
+DEFAULT_H3_RESOLUTION = 12  # H3 resolution of the cell stored with labels and training rows
 
 
 class ConfigError(ValueError):
@@ -35,6 +37,8 @@ class Settings:
     ``ducklake_catalog`` is the DuckLake catalog URI without the ``ducklake:`` prefix or with it: a local
     DuckDB file (default ``data/ducklake/catalog.ducklake``) or ``postgres:dbname=… host=…`` in production.
     ``ducklake_data_path`` is where DuckLake writes Parquet: a local folder or ``s3://bucket/prefix/``.
+    ``s2_levels`` (each 0..30) and ``h3_resolution`` (0..15) are the spatial keys stored with every label and
+    training row (``s2_token_l<level>``, ``h3_<resolution>``): the one place these are set.
     """
 
     lancedb_root: str = "data/lancedb"
@@ -46,7 +50,8 @@ class Settings:
     s3_endpoint: str | None = None
     s3_region: str | None = None
     s3_url_style: str | None = None
-    s2_levels: tuple[int, ...] = (10, 13, 17)
+    s2_levels: tuple[int, ...] = DEFAULT_S2_LEVELS
+    h3_resolution: int = DEFAULT_H3_RESOLUTION
 
     @property
     def is_local_catalog(self) -> bool:
@@ -71,16 +76,35 @@ def _coerce(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
         elif key == "sample_data_dir":
             out[key] = Path(value)
         elif key == "s2_levels":
-            levels = value.split(",") if isinstance(value, str) else value
-            try:
-                out[key] = tuple(int(v) for v in levels)
-            except ValueError as exc:
-                raise ConfigError(f"{source}: s2_levels must be integers, got {value!r}") from exc
-            if not all(0 <= lvl <= 30 for lvl in out[key]):
-                raise ConfigError(f"{source}: s2_levels must lie in 0..30, got {value!r}")
+            out[key] = _s2_levels(value, source)
+        elif key == "h3_resolution":
+            out[key] = _h3_resolution(value, source)
         else:
             out[key] = str(value)
     return out
+
+
+def _s2_levels(value: Any, source: str) -> tuple[int, ...]:
+    """S2 levels 0..30 from a sequence or ``"10,13,17"``; ConfigError naming ``source`` otherwise."""
+    levels = value.split(",") if isinstance(value, str) else value
+    try:
+        out = tuple(int(v) for v in levels)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: s2_levels must be integers, got {value!r}") from exc
+    if not all(0 <= lvl <= 30 for lvl in out):
+        raise ConfigError(f"{source}: s2_levels must lie in 0..30, got {value!r}")
+    return out
+
+
+def _h3_resolution(value: Any, source: str) -> int:
+    """An H3 resolution 0..15 from an int or its text; ConfigError naming ``source`` otherwise."""
+    try:
+        resolution = int(str(value).strip()) if not isinstance(value, bool) else None
+    except ValueError:
+        resolution = None
+    if resolution is None or not 0 <= resolution <= 15:
+        raise ConfigError(f"{source}: h3_resolution must be an integer in 0..15, got {value!r}")
+    return resolution
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

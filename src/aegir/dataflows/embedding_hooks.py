@@ -18,10 +18,14 @@ grid plan ranks ahead of every unboosted cell (:mod:`aegir.dataflows.grid_plan`)
 Inputs: ``detections`` (GeoDataFrame, EPSG:4326, ``detection_id``, ``score``, geometry), ``validation_decisions``
 (Arrow, ``decision`` aligned with ``detections``), ``detection_tiles`` ({detection_id: tile Chip}), ``crop_px``,
 ``encode_chips`` ((B, C, H, W) → (B, D)), ``label_geometries`` (known PV labels, EPSG:4326), ``region_windows``
-(Arrow: ``uuid``, ``footprint_wkb`` of the region's stored windows for this model), ``nearest_windows``
-(``(vector (D,), k, exclude_uuids) → [{uuid, distance, cell_token, tile_path, window_col, …}]``, nearest first: the
-store's pre-filtered vector search), ``max_hard_negatives`` / ``max_backfill`` (queries per hook, highest score
-first, as in the backfill), ``mine_k``, ``max_mined``, ``similar_k``, ``round_index``.
+(Arrow: ``uuid``, ``footprint_wkb`` of the region's stored windows for this model), ``max_hard_negatives`` /
+``max_backfill`` (queries per hook, highest score first, as in the backfill), ``max_mined``, ``round_index``.
+
+The vector search is the job's: it executes ``rejected_query_vectors`` / ``accepted_query_vectors`` and
+``mining_excluded_windows`` / ``similar_excluded_windows``, searches the store for each query vector's ``mine_k`` /
+``similar_k`` nearest windows outside the excluded ones, and passes them back as ``rejected_query_neighbours`` /
+``accepted_query_neighbours`` (one list per query chip, same order, nearest first: ``{uuid, distance, tile_path,
+window_col, window_row, window_px, footprint_wkb, cell_token, …}``).
 """
 
 from __future__ import annotations
@@ -38,8 +42,8 @@ from aegir.dataflows import backfill
 from aegir.dataflows.chip_embeddings import chip_embedding_vectors
 from aegir.utils.types import Chip
 
-NearestWindows = Callable  # (vector, k, exclude_uuids) -> list[dict]; bare for Hamilton's isinstance check
-EncodeChips = Callable
+EncodeChips = Callable  # (B, C, H, W) uint8 -> (B, D); bare for Hamilton's isinstance check
+Neighbours = list  # per query chip: its nearest windows (list of dicts), nearest first
 
 HIT_SCHEMA = pa.schema([
     pa.field("window_uuid", pa.string()),
@@ -135,11 +139,10 @@ def similar_excluded_windows(region_windows: pa.Table, similar_exclusions: list)
     return _overlapping(region_windows, similar_exclusions)
 
 
-def _hits(chips: list[Chip], vectors: np.ndarray, nearest_windows: NearestWindows, exclude: list[str], k: int,
-          round_index: int) -> list[dict[str, Any]]:
+def _hits(chips: list[Chip], neighbours: Neighbours, round_index: int) -> list[dict[str, Any]]:
     rows = []
-    for chip, vector in zip(chips, vectors):
-        for rank, hit in enumerate(nearest_windows(vector, k, exclude)):
+    for chip, hits in zip(chips, neighbours):
+        for rank, hit in enumerate(hits):
             rows.append({"window_uuid": hit["uuid"], "source_detection": chip.extras["source_detection"],
                          "distance": float(hit["distance"]), "neighbour_rank": rank,
                          **{key: hit[key] for key in ("tile_path", "window_col", "window_row", "window_px",
@@ -158,24 +161,18 @@ def _nearest_per_window(rows: list[dict], limit: int | None = None) -> pa.Table:
     return pa.Table.from_pylist(ordered[:limit] if limit is not None else ordered, schema=HIT_SCHEMA)
 
 
-def mined_negative_proposals(rejected_query_chips: list[Chip], rejected_query_vectors: np.ndarray,
-                             nearest_windows: NearestWindows, mining_excluded_windows: list[str], mine_k: int = 5,
+def mined_negative_proposals(rejected_query_chips: list[Chip], rejected_query_neighbours: Neighbours,
                              max_mined: int = 32, round_index: int = 0) -> pa.Table:
-    """Windows nearest to the rejected detections (``mine_k`` each, no excluded window), one row per window at its
-    nearest source detection, nearest first, at most ``max_mined``. Schema :data:`HIT_SCHEMA`."""
-    rows = _hits(rejected_query_chips, rejected_query_vectors, nearest_windows, mining_excluded_windows, mine_k,
-                 round_index)
-    return _nearest_per_window(rows, max_mined)
+    """Windows nearest to the rejected detections (the job's search: ``mine_k`` each, no excluded window), one row
+    per window at its nearest source detection, nearest first, at most ``max_mined``. Schema :data:`HIT_SCHEMA`."""
+    return _nearest_per_window(_hits(rejected_query_chips, rejected_query_neighbours, round_index), max_mined)
 
 
-def similar_tile_hits(accepted_query_chips: list[Chip], accepted_query_vectors: np.ndarray,
-                      nearest_windows: NearestWindows, similar_excluded_windows: list[str], similar_k: int = 5,
+def similar_tile_hits(accepted_query_chips: list[Chip], accepted_query_neighbours: Neighbours,
                       round_index: int = 0) -> pa.Table:
-    """The ``similar_k`` nearest unlabelled windows of each accepted detection, one row per window (nearest
-    source), nearest first. Schema :data:`HIT_SCHEMA`."""
-    rows = _hits(accepted_query_chips, accepted_query_vectors, nearest_windows, similar_excluded_windows, similar_k,
-                 round_index)
-    return _nearest_per_window(rows)
+    """The nearest unlabelled windows of each accepted detection (the job's search: ``similar_k`` each), one row
+    per window (nearest source), nearest first. Schema :data:`HIT_SCHEMA`."""
+    return _nearest_per_window(_hits(accepted_query_chips, accepted_query_neighbours, round_index))
 
 
 def cell_boosts(similar_tile_hits: pa.Table) -> dict[str, float]:

@@ -191,11 +191,13 @@ def label_rows(
     centroid_lon: np.ndarray,
     s2_tokens_by_level: dict[int, np.ndarray],
     h3_cell_ids: np.ndarray,
+    h3_resolution: int,
     label_date: np.ndarray,
     imported_at: dt.datetime,
     doi: str | None = None,
 ) -> pa.Table:
-    """The ``raw_<dataset>`` rows: source columns kept + the derived schema columns. One row per accepted row."""
+    """The ``raw_<dataset>`` rows: source columns kept + the derived schema columns (``s2_token_l<level>`` per
+    ``Settings.s2_levels``, ``h3_<resolution>``). One row per accepted row."""
     count = int(accepted_mask.sum())
     table = _arrow_attributes(source_attributes[accepted_mask].reset_index(drop=True))
     derived = {
@@ -211,7 +213,7 @@ def label_rows(
     }
     for level, tokens in sorted(s2_tokens_by_level.items()):
         derived[f"s2_token_l{level}"] = pa.array(tokens, pa.string())
-    derived["h3_12"] = pa.array(h3_cell_ids, pa.string())
+    derived[f"h3_{h3_resolution}"] = pa.array(h3_cell_ids, pa.string())
     derived["label_date"] = pa.array(label_date[accepted_mask], pa.date32())
     derived["doi"] = pa.array([doi] * count, pa.string())
     derived["imported_at"] = pa.array([imported_at] * count, pa.timestamp("us", tz="UTC"))

@@ -3,7 +3,8 @@
 Inputs: ``cell_token`` (S2 token of the work cell), ``tile_index`` (the region's
 :class:`~aegir.store.region_files.TileRef` list, sorted by file name), ``tile_reader`` (a store function
 ``(TileRef, bounds, crs) -> Chip``: the I/O is received, like a connection), ``segmentation_model`` (an object with
-``predict_proba((3, H, W) uint8) -> (H, W) float32``), ``model_checkpoint`` (its path), ``plan_id``,
+``predict_batch((B, 3, t, t) uint8) -> (B, t, t)`` or ``predict_proba((3, H, W) uint8) -> (H, W) float32``; tiles
+blended by :func:`aegir.training.predictor.blended_probabilities`), ``model_checkpoint`` (its path), ``plan_id``,
 ``predicted_at`` (aware datetime); optional ``tile_px`` / ``overlap_px`` (blending tiles, px), ``context_px`` (px
 of imagery read around the cell so its edge pixels and detections see context), ``pv_threshold``,
 ``min_detection_px``.
@@ -36,7 +37,7 @@ from rasterio.crs import CRS
 from rasterio.warp import transform_bounds
 from scipy import ndimage
 
-from aegir.dataflows import inference, label_import
+from aegir.dataflows import label_import
 from aegir.store.region_files import TileRef
 from aegir.utils import geo, s2geometry
 from aegir.utils.types import Chip
@@ -157,17 +158,14 @@ def cell_mosaic(cell_chips: list[Chip], mosaic_grid: MosaicGrid) -> Chip:
                 extras={"tiles": [c.source for c in cell_chips]})
 
 
-def _tile_predictor(model: Any) -> inference.PredictTiles:
-    """(B, 3, t, t) uint8 → (B, t, t) probabilities through ``model.predict_proba`` one tile at a time."""
-    return lambda tiles: np.stack([model.predict_proba(tile) for tile in tiles])
-
-
 def cell_probabilities(
     cell_mosaic: Chip, segmentation_model: Any, tile_px: int = 512, overlap_px: int = 64, batch_size: int = 4
 ) -> np.ndarray:
     """(H, W) float32 PV probability over the window, blended from overlapping tiles (0 where no imagery)."""
-    return inference.blended_probabilities(cell_mosaic.pixels, _tile_predictor(segmentation_model), tile_px,
-                                           overlap_px, batch_size, valid=cell_mosaic.valid)
+    from aegir.training.predictor import blended_probabilities  # lazily: importing training imports torch
+
+    return blended_probabilities(cell_mosaic.pixels, segmentation_model, tile_px, overlap_px, batch_size,
+                                 valid=cell_mosaic.valid)
 
 
 def cell_probability_raster(cell_probabilities: np.ndarray, cell_mosaic: Chip, mosaic_grid: MosaicGrid) -> Chip:
@@ -184,7 +182,7 @@ def detection_labels(cell_probabilities: np.ndarray, pv_threshold: float = 0.5,
                      min_detection_px: int = 4) -> np.ndarray:
     """(H, W) int32: 4-connected components of probability ≥ ``pv_threshold`` numbered 1..N in scan order;
     components under ``min_detection_px`` pixels are dropped (0)."""
-    labels, count = ndimage.label(inference.pv_mask(cell_probabilities, pv_threshold))
+    labels, count = ndimage.label(cell_probabilities >= pv_threshold)
     keep = np.bincount(labels.ravel(), minlength=count + 1) >= min_detection_px
     keep[0] = False
     renumber = np.zeros(count + 1, np.int32)

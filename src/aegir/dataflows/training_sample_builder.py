@@ -4,9 +4,11 @@ Inputs: ``sample_chips`` (list of :class:`~aegir.utils.types.Chip`, one per samp
 and ``extras["prompt_wkb"]`` — the prompt geometry, WKB, EPSG:4326; optional ``extras["provenance"]``, a dict of
 per-sample provenance merged into ``params_json``), ``sample_masks`` (sample_id → (H, W) uint8
 mask, 0/1, on the chip grid; missing = no mask yet), ``msi_chips`` (sample_id → co-registered Sentinel-2 Chip),
-``dataset_name``, ``chip_encoding`` ("raw" | "png" | "tiff"), ``mask_source``, ``provenance_params``.
-Output ``training_rows``: an Arrow table in ``TRAINING_DATA_SCHEMA``; ``sample_uuids`` are the lakehouse prompt
-uuid (``extras["uuid"]``) or uuid5 of ``dataset:sample_id``, so a rebuild upserts the same rows.
+``dataset_name``, ``chip_encoding`` ("raw" | "png" | "tiff"), ``mask_source``, ``provenance_params``,
+``s2_levels`` and ``h3_resolution`` (``Settings.s2_levels`` / ``Settings.h3_resolution``; default 10, 13, 17 and 12).
+Output ``training_rows``: an Arrow table in ``training_data_schema(s2_levels, h3_resolution)`` (the defaults give
+``TRAINING_DATA_SCHEMA``); ``sample_uuids`` are the lakehouse prompt uuid (``extras["uuid"]``) or uuid5 of
+``dataset:sample_id``, so a rebuild upserts the same rows.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import uuid
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -22,13 +24,12 @@ import shapely
 
 from aegir import __version__
 from aegir.store.chip_codec import encode_chip
-from aegir.store.lance_io import TRAINING_DATA_SCHEMA
+from aegir.config import DEFAULT_H3_RESOLUTION, DEFAULT_S2_LEVELS
+from aegir.store.lance_io import training_data_schema
 from aegir.utils import s2geometry
 from aegir.utils.types import Chip
 
 SAMPLE_NAMESPACE = uuid.UUID("5b0c7d3e-2f0a-4c61-9a53-0d8e3f1b7a42")
-S2_LEVELS = (10, 13, 17)
-H3_RESOLUTION = 12
 
 
 def sample_uuids(sample_chips: list[Chip], dataset_name: str) -> list[str]:
@@ -46,15 +47,18 @@ def sample_centroids(sample_chips: list[Chip]) -> np.ndarray:
     return np.stack([shapely.get_x(centroids), shapely.get_y(centroids)], axis=1).reshape(-1, 2)
 
 
-def sample_s2_tokens(sample_centroids: np.ndarray) -> dict[int, np.ndarray]:
-    """S2 tokens at levels 10, 13, 17 of every sample centroid."""
+def sample_s2_tokens(sample_centroids: np.ndarray, s2_levels: Sequence[int] = DEFAULT_S2_LEVELS
+                     ) -> dict[int, np.ndarray]:
+    """S2 tokens (object arrays of str, shape (N,)) of every sample centroid, keyed by level (``s2_levels``).
+
+    ``Sequence[int]``, not ``tuple[int, ...]``: Hamilton's input check rejects the latter."""
     lon, lat = sample_centroids[:, 0], sample_centroids[:, 1]
-    return {level: s2geometry.s2_tokens(lat, lon, level) for level in S2_LEVELS}
+    return {int(level): s2geometry.s2_tokens(lat, lon, level) for level in s2_levels}
 
 
-def sample_h3_cells(sample_centroids: np.ndarray) -> np.ndarray:
-    """H3 resolution-12 cell of every sample centroid."""
-    return s2geometry.h3_cells(sample_centroids[:, 1], sample_centroids[:, 0], H3_RESOLUTION)
+def sample_h3_cells(sample_centroids: np.ndarray, h3_resolution: int = DEFAULT_H3_RESOLUTION) -> np.ndarray:
+    """H3 cell (resolution ``h3_resolution``, 0..15) of every sample centroid, object array of str (N,)."""
+    return s2geometry.h3_cells(sample_centroids[:, 1], sample_centroids[:, 0], h3_resolution)
 
 
 def _timestamp(text: str | None) -> dt.datetime | None:
@@ -98,8 +102,11 @@ def training_rows(
     chip_encoding: str,
     mask_source: str,
     provenance_params: dict,
+    h3_resolution: int = DEFAULT_H3_RESOLUTION,
 ) -> pa.Table:
-    """One ``training_data`` row per chip (schema ``TRAINING_DATA_SCHEMA``); masks are stored 0/1 (``png``: 0/255)."""
+    """One ``training_data`` row per chip; masks are stored 0/1 (``png``: 0/255). The schema has one
+    ``s2_token_l<level>`` field per level of ``sample_s2_tokens`` and an ``h3_<h3_resolution>`` field."""
+    levels = sorted(sample_s2_tokens)
     created_at = dt.datetime.now(dt.timezone.utc)
     rows = []
     for index, chip in enumerate(sample_chips):
@@ -110,8 +117,8 @@ def training_rows(
             "dataset": dataset_name,
             "source_file": chip.source,
             "sample_id": sample_id,
-            **{f"s2_token_l{level}": str(sample_s2_tokens[level][index]) for level in S2_LEVELS},
-            "h3_12": str(sample_h3_cells[index]),
+            **{f"s2_token_l{level}": str(sample_s2_tokens[level][index]) for level in levels},
+            f"h3_{h3_resolution}": str(sample_h3_cells[index]),
             "centroid_lat": float(sample_centroids[index, 1]),
             "centroid_lon": float(sample_centroids[index, 0]),
             "acquired_at": _timestamp(chip.acquired_at),
@@ -145,4 +152,4 @@ def training_rows(
                 "metadata": metadata,
             }
         )
-    return pa.Table.from_pylist(rows, schema=TRAINING_DATA_SCHEMA)
+    return pa.Table.from_pylist(rows, schema=training_data_schema(levels, h3_resolution))

@@ -1,4 +1,4 @@
-"""The Mask Factory backend interface, its result type and the registry of backends by name.
+"""The Mask Factory backend interface and its result type (the registry of backends by name is :mod:`aegir.masks`).
 
 A backend turns one image (``(H, W, 3)`` uint8 RGB) and a :class:`~aegir.masks.prompts.PixelPrompts` set into one
 boolean mask per prompt, in a single pass over the image (one encoder pass for SAM-family models, one GrabCut
@@ -8,7 +8,7 @@ colour model for the offline backend), plus per-prompt ``confidence`` and ``stab
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -58,35 +58,3 @@ class MaskBackend(Protocol):
     def params(self) -> dict[str, Any]: ...
 
     def segment(self, image: np.ndarray, prompts: PixelPrompts) -> MaskResult: ...
-
-
-_REGISTRY: dict[str, Callable[..., MaskBackend]] = {}
-
-
-def register_backend(name: str) -> Callable[[Callable[..., MaskBackend]], Callable[..., MaskBackend]]:
-    """Decorator: register a backend factory (a class or function taking keyword options) under ``name``."""
-
-    def wrap(factory: Callable[..., MaskBackend]) -> Callable[..., MaskBackend]:
-        _REGISTRY[name] = factory
-        return factory
-
-    return wrap
-
-
-def available_backends() -> list[str]:
-    """Registered backend names."""
-    _load_builtin()
-    return sorted(_REGISTRY)
-
-
-def get_backend(name: str, **options: Any) -> MaskBackend:
-    """The backend ``name`` built with ``options`` (e.g. ``checkpoint=...``); unknown names → ValueError."""
-    _load_builtin()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown mask backend {name!r}; backends: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name](**options)
-
-
-def _load_builtin() -> None:
-    # importing the modules registers them; SAM and model backends import their heavy packages lazily
-    from aegir.masks import model_refiner, offline, sam  # noqa: F401

@@ -1,11 +1,13 @@
 """The ``model`` backend: a trained segmentation checkpoint of this project as a prompt-conditioned refiner.
 
-The model predicts PV probability over the whole image once (one pass); each prompt's mask is the pixels inside
-the prompt with probability ≥ ``threshold`` (box gating), refined like the offline backend's. ``confidence`` is
-the mean probability inside the mask (how sure the model is of what it kept); ``stability`` the IoU of the masks
-at ``threshold`` ± 0.1. The checkpoint is loaded with ``aegir.training.litmodule.load_segmentation_model``
-(imported lazily: the training stage provides it) or any object with ``predict_proba(image (C, H, W) uint8) →
-(H, W) float32``.
+The model predicts PV probability over the whole image once (:func:`aegir.training.predictor.blended_probabilities`
+with a trained model's own tiling: one pass up to 1024 px, blended batched tiles beyond); each prompt's mask is the
+pixels inside the prompt with probability ≥ ``threshold`` (box gating), refined like the offline backend's.
+``confidence`` is the mean probability inside the mask (how sure the model is of what it kept); ``stability`` the
+IoU of the masks at ``threshold`` ± 0.1. The model comes from a checkpoint through
+:func:`~aegir.training.litmodule.load_segmentation_model`, or is any object with ``predict_batch(tiles (B, C, h, w))
+→ (B, h, w)`` or ``predict_proba(image (C, H, W) uint8) → (H, W) float32``. Training is imported lazily (it imports
+torch).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from aegir.masks.base import MaskBackendError, MaskResult, register_backend
+from aegir.masks.base import MaskBackendError, MaskResult
 from aegir.masks.prompts import PixelPrompts
 from aegir.masks.refine import refine_mask
 
@@ -24,8 +26,9 @@ class ModelRefinerBackend:
 
     def __init__(self, model: Any, checkpoint: str | None = None, threshold: float = 0.5, morph_px: int = 3,
                  min_component_fraction: float = 0.02, point_box_px: int = 48) -> None:
-        if not hasattr(model, "predict_proba"):
-            raise MaskBackendError(f"model backend: {type(model).__name__} has no predict_proba(image) method")
+        if not (hasattr(model, "predict_batch") or hasattr(model, "predict_proba")):
+            raise MaskBackendError(f"model backend: {type(model).__name__} has neither predict_batch(tiles) "
+                                   "nor predict_proba(image)")
         self.model = model
         self.checkpoint = checkpoint
         self.threshold = threshold
@@ -43,15 +46,15 @@ class ModelRefinerBackend:
                 "min_component_fraction": self.min_component_fraction, "point_box_px": self.point_box_px}
 
     def segment(self, image: np.ndarray, prompts: PixelPrompts) -> MaskResult:
+        from aegir.training.predictor import blended_probabilities  # lazily: importing training imports torch
+
         height, width = image.shape[:2]
         n = len(prompts)
         if n == 0:
             return MaskResult.empty(height, width)
         masks = np.zeros((n, height, width), bool)
         confidence, stability = np.zeros(n), np.zeros(n)
-        proba = np.asarray(self.model.predict_proba(np.ascontiguousarray(np.moveaxis(image, -1, 0))), np.float32)
-        if proba.shape != (height, width):
-            raise MaskBackendError(f"model backend: predict_proba returned {proba.shape}, image is {(height, width)}")
+        proba = blended_probabilities(np.ascontiguousarray(np.moveaxis(image, -1, 0)), self.model)
         for i in range(n):
             rows, cols = prompts.pixel_slices(i, self.point_box_px)
             local = proba[rows, cols]
@@ -63,7 +66,6 @@ class ModelRefinerBackend:
         return MaskResult(masks, confidence, stability)
 
 
-@register_backend("model")
 def model_backend(checkpoint: str | None = None, model: Any = None, **options: Any) -> ModelRefinerBackend:
     """From a checkpoint file (via the training stage's loader) or an already built ``model`` object."""
     if model is None:

@@ -18,14 +18,13 @@ from typing import Any
 import cv2
 import numpy as np
 
-from aegir.masks.base import MaskResult, register_backend
+from aegir.masks.base import MaskResult
 from aegir.masks.prompts import PixelPrompts
 from aegir.masks.refine import refine_mask
 
 _GMM_K = 5
 
 
-@register_backend("offline")
 class OfflineGrabCutBackend:
     """Joint GrabCut + refinement. Options are the tuned defaults; ``params`` records them for provenance."""
 

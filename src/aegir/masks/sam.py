@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from aegir.masks.base import MaskBackendError, MaskResult, register_backend
+from aegir.masks.base import MaskBackendError, MaskResult
 from aegir.masks.prompts import PixelPrompts
 
 SAM_CHECKPOINTS = {  # model type → (file name, official URL)
@@ -141,7 +141,6 @@ def _checkpoint(checkpoint: str | os.PathLike | None, table: dict, model_type: s
     return path
 
 
-@register_backend("sam")
 def sam_backend(checkpoint: str | None = None, model_type: str = "vit_h", device: str = "cpu") -> SamPredictorBackend:
     """SAM via segment-geospatial ``SamGeo(model_type, automatic=False, checkpoint=...)`` (local file only)."""
     path = _checkpoint(checkpoint, SAM_CHECKPOINTS, model_type, "sam", "AEGIR_SAM_CHECKPOINT")
@@ -153,7 +152,6 @@ def sam_backend(checkpoint: str | None = None, model_type: str = "vit_h", device
                                {"model_type": model_type, "checkpoint": str(path)})
 
 
-@register_backend("sam-hq")
 def sam_hq_backend(checkpoint: str | None = None, model_type: str = "vit_h",
                    device: str = "cpu") -> SamPredictorBackend:
     """HQ-SAM via segment-geospatial ``samgeo.hq_sam.SamGeo`` (local file only)."""
@@ -184,7 +182,6 @@ def sam2_cache_entry(model_id: str) -> tuple[str, str]:
     return repo, SAM2_CHECKPOINTS[repo]
 
 
-@register_backend("sam2")
 def sam2_backend(model_id: str = "sam2-hiera-tiny", device: str = "cpu") -> SamPredictorBackend:
     """SAM2 via segment-geospatial ``SamGeo2(model_id, automatic=False)``, offline (``HF_HUB_OFFLINE=1``)."""
     from huggingface_hub import try_to_load_from_cache

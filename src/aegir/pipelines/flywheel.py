@@ -34,15 +34,16 @@ all cells (``boosted_cell_hit_rate`` vs ``cell_hit_rate``).
 
 from __future__ import annotations
 
-import csv
 import json
 import time
+import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from aegir.config import Settings
 from aegir.sample_data import AUSTIN_TILES
+from aegir.store import run_files
 
 STEPS = ("ingest", "masks", "dataset", "train", "infer", "validate", "embed_tiles", "mine_negatives",
          "find_similar", "backfill")
@@ -87,15 +88,11 @@ class FlywheelConfig:
 
 def load_flywheel_config(path: str | Path | None) -> FlywheelConfig:
     """Defaults, or a TOML file's ``[flywheel]`` table (unknown keys are an error naming the file)."""
-    import tomllib
-
     if path is None:
         return FlywheelConfig()
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such flywheel config file")
     try:
-        values = tomllib.loads(path.read_text()).get("flywheel", {})
+        values = run_files.read_toml(path, "flywheel config file").get("flywheel", {})
         return FlywheelConfig(**values)
     except (tomllib.TOMLDecodeError, TypeError) as exc:
         raise ValueError(f"{path}: cannot use this flywheel config ({exc})") from exc
@@ -107,9 +104,9 @@ class FlywheelState:
     def __init__(self, out: Path, config: FlywheelConfig) -> None:
         self.path = out / "flywheel_state.json"
         self.data: dict[str, Any] = {"config": asdict(config), "rounds": {}}
-        if self.path.is_file():
+        if run_files.is_file(self.path):
             try:
-                self.data = json.loads(self.path.read_text())
+                self.data = run_files.read_json(self.path)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{self.path}: unreadable flywheel state ({exc}); move it away to start over") from exc
 
@@ -118,48 +115,69 @@ class FlywheelState:
 
     def record(self, round_index: int, step: str, result: dict) -> None:
         self.data["rounds"].setdefault(str(round_index), {})[step] = result
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, default=str))
-        tmp.replace(self.path)
+        run_files.write_json(self.data, self.path, atomic=True)
 
 
 def run_flywheel(settings: Settings, out_dir: str | Path, rounds: int = 2, config: FlywheelConfig | None = None,
                  on_step: Callable[[int, str, dict, bool], None] | None = None) -> list[dict]:
     """Run (or resume) ``rounds`` rounds; returns the per-round table rows. ``on_step(round, step, result,
     skipped)`` is called after every step (``skipped``: it was already done)."""
-    from aegir.pipelines import flywheel_steps as steps
+    from aegir.pipelines.flywheel_steps import RoundContext
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = run_files.ensure_dir(out_dir)
+    step_functions = _step_functions()
     config = (config or FlywheelConfig()).resolved(settings)
     state = FlywheelState(out, config)
     table = []
     for round_index in range(1, rounds + 1):
-        context = steps.RoundContext(settings, config, out, round_index, state)
+        context = RoundContext(settings, config, out, round_index, state)
         for step in STEPS:
             done = state.result(round_index, step)
             if done is None:
                 started = time.perf_counter()
-                result = getattr(steps, f"step_{step}")(context)
+                result = step_functions[step](context)
                 result["seconds"] = round(time.perf_counter() - started, 1)
                 state.record(round_index, step, result)
             if on_step:
                 on_step(round_index, step, done or state.result(round_index, step), done is not None)
-        table.append(steps.round_summary(context))
+        table.append(round_summary(context))
     write_round_table(out, table)
     return table
+
+
+def _step_functions() -> dict[str, Callable[[Any], dict]]:
+    """Step name → the function that runs it on a :class:`~aegir.pipelines.flywheel_steps.RoundContext`."""
+    from aegir.pipelines import flywheel_hooks as hooks
+    from aegir.pipelines import flywheel_steps as steps
+
+    return {"ingest": steps.step_ingest, "masks": steps.step_masks, "dataset": steps.step_dataset,
+            "train": steps.step_train, "infer": steps.step_infer, "validate": steps.step_validate,
+            "embed_tiles": hooks.step_embed_tiles, "mine_negatives": hooks.step_mine_negatives,
+            "find_similar": hooks.step_find_similar, "backfill": steps.step_backfill}
+
+
+def round_summary(context: Any) -> dict:
+    """One row of the per-round table (``context``: the round's ``RoundContext``, every step recorded)."""
+    from aegir.pipelines.flywheel_hooks import hook_columns
+
+    dataset, train = context.earlier("dataset"), context.earlier("train")
+    validate, backfill = context.earlier("validate"), context.earlier("backfill")
+    return {"round": context.round_index, "rows": dataset["rows"], "data_version": dataset["version"],
+            "masks_by_source": dataset["masks_by_source"], "val_iou": train.get("val_iou"),
+            "held_out_pixel_iou": validate["held_out"]["pixel_iou"],
+            "held_out_object_f1": validate["held_out"]["object"]["f1"],
+            "detections": validate["detections"], "accepted": validate["accepted"], "rejected": validate["rejected"],
+            "needs_review": validate["needs_review"], "backfilled": backfill["backfilled"],
+            "hard_negatives": backfill["hard_negatives"], "version_after_backfill": backfill["version"],
+            **hook_columns(context)}
 
 
 def write_round_table(out: Path, table: list[dict]) -> None:
     """``OUT/flywheel_rounds.json``, ``.csv`` (one row per round) and ``.png`` (the summary plot)."""
     from aegir.utils.quicklook import flywheel_summary_figure
 
-    (out / "flywheel_rounds.json").write_text(json.dumps(table, indent=1))
+    run_files.write_json(table, out / "flywheel_rounds.json")
     if table:
-        flywheel_summary_figure(table).savefig(out / "flywheel_rounds.png")
-    if table:
-        with (out / "flywheel_rounds.csv").open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(table[0]))
-            writer.writeheader()
-            writer.writerows([{k: json.dumps(v) if isinstance(v, dict) else v for k, v in row.items()}
-                              for row in table])
+        run_files.write_figure(flywheel_summary_figure(table), out / "flywheel_rounds.png")
+        run_files.write_csv([{k: json.dumps(v) if isinstance(v, dict) else v for k, v in row.items()}
+                             for row in table], out / "flywheel_rounds.csv")

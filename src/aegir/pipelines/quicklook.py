@@ -11,7 +11,7 @@ from PIL import Image
 from rasterio.crs import CRS
 
 from aegir.config import Settings
-from aegir.store import lance_io
+from aegir.store import lance_io, run_files
 from aegir.store.chip_codec import decode_chip
 from aegir.utils import geo
 from aegir.utils.quicklook import chip_panel, decision_outlines
@@ -61,18 +61,12 @@ def contact_sheet(panels: list[np.ndarray], columns: int = 4, width: int = 1200)
 def write_panels(named_panels: list[tuple[str, np.ndarray]], out_dir: str | Path) -> dict:
     """``OUT/<name>.png`` per (name, (H, W, 3) uint8 panel) and ``OUT/contact_sheet.png`` of them all (none when
     there are no panels): {"written": [paths], "contact_sheet": path | None}."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, panel in named_panels:
-        path = out / f"{name}.png"
-        Image.fromarray(panel).save(path)
-        written.append(str(path))
+    out = run_files.ensure_dir(out_dir)
+    written = [str(run_files.write_png(panel, out / f"{name}.png")) for name, panel in named_panels]
     sheet = None
     if named_panels:
-        sheet = out / "contact_sheet.png"
         panels = [panel for _, panel in named_panels]
-        Image.fromarray(contact_sheet(panels, columns=min(4, len(panels)))).save(sheet)
+        sheet = run_files.write_png(contact_sheet(panels, columns=min(4, len(panels))), out / "contact_sheet.png")
     return {"written": written, "contact_sheet": str(sheet) if sheet else None}
 
 
@@ -81,9 +75,7 @@ def quicklook_training_data(settings: Settings, uri: str | None, out_dir: str | 
     """``OUT/<sample_id>.png`` for up to ``limit`` rows matching ``filters`` (metadata field → value(s), quoted by
     :func:`aegir.store.lance_io.build_where_clause`) and ``OUT/contact_sheet.png``."""
     table = lance_io.open_training_table(uri, settings.lancedb_root, create=False)
-    dataset = table.to_lance()
-    where = lance_io.build_where_clause(filters or {}, dataset.schema) or None
-    rows = dataset.to_table(columns=COLUMNS, filter=where, limit=limit).to_pylist()
+    rows = lance_io.filter_rows(table, filters or {}, columns=COLUMNS, limit=limit).to_pylist()
     named = [(Path(row["metadata"]["sample_id"]).name, row_panel(row)) for row in rows]
     return write_panels(named, out_dir) | {"rows": len(rows)}
 

@@ -4,11 +4,13 @@ Both jobs fan out with ``map_batches`` and fan in with ONE Lance commit on the d
 (:mod:`aegir.store.lance_fragments`: workers write fragments, the driver replaces rows by uuid in one version):
 
 * :func:`build_dataset_ray`: the image list → ``ray.data.from_items`` → :func:`build_block` per block, which builds
-  rows with the same Hamilton stage as :func:`aegir.pipelines.build_dataset_from_images` (``training_samples`` →
-  ``training_rows``: same uuid5(dataset:stem) keys, same columns) and writes them as fragments of the table.
+  rows with the same Hamilton stage as :func:`aegir.pipelines.dataset.build_dataset_from_images`
+  (``training_samples`` → ``training_rows``: same uuid5(dataset:stem) keys, same columns) and writes them as
+  fragments of the table.
 * :func:`predict_table_ray`: ``ray.data.read_lance`` (uuid, chip, metadata; one pinned table version) →
-  :class:`ChipPredictor` (an actor per worker; the checkpoint is loaded once per actor) → rows of a ``predictions``
-  Lance table (:data:`~aegir.store.lance_fragments.PREDICTIONS_SCHEMA`).
+  :class:`ChipPredictor` (an actor per worker; the checkpoint is loaded once per actor; chips predicted by
+  ``SegmentationModel.predict_proba``, i.e. the tiled predictor :mod:`aegir.training.predictor`) → rows of a
+  ``predictions`` Lance table (:data:`~aegir.store.lance_fragments.PREDICTIONS_SCHEMA`).
 
 Workers are fresh processes (Ray starts them; nothing forks an open Lance dataset), so Lance's lack of fork
 safety does not bite. Every node needs this package installed and the table location reachable (a shared file
@@ -29,14 +31,13 @@ import pyarrow as pa
 
 from aegir.config import Settings
 from aegir.dataflows import chip_predictions
-from aegir.pipelines import (
+from aegir.pipelines import build_driver, run_stage
+from aegir.pipelines.dataset import (
     BUILD_BATCH,
     BuildReport,
-    _default_dataset_name,
-    _msi_for,
-    build_driver,
+    default_dataset_name,
     load_tile_chips,
-    run_stage,
+    msi_chips_for,
 )
 from aegir.store import lance_fragments, lance_io
 
@@ -74,17 +75,21 @@ def _cluster_cpus(ray: Any) -> int:
 # ---- training_data build -----------------------------------------------------------------------------------
 
 
-def training_rows(chips: list, masks: dict, msi: dict, dataset: str, encoding: str, params: dict) -> pa.Table:
-    """``training_data`` rows (validated) from the ``training_samples`` stage, as the single-process build makes them."""
+def training_rows(chips: list, masks: dict, msi: dict, dataset: str, encoding: str, params: dict,
+                  s2_levels: tuple[int, ...], h3_resolution: int) -> pa.Table:
+    """``training_data`` rows (validated against the schema of ``s2_levels`` / ``h3_resolution``) from the
+    ``training_samples`` stage, as the single-process build makes them."""
     rows = run_stage("training_samples", ["training_rows"], {
         "sample_chips": chips, "sample_masks": masks, "msi_chips": msi, "dataset_name": dataset,
         "chip_encoding": encoding, "mask_source": "ground_truth", "provenance_params": params,
+        "s2_levels": s2_levels, "h3_resolution": h3_resolution,
     })["training_rows"]
-    return lance_io.validate_rows(rows)
+    return lance_io.validate_rows(rows, lance_io.training_data_schema(s2_levels, h3_resolution))
 
 
 def build_block(batch: pa.Table, *, dataset_uri: str, masks_by_stem: dict[str, str], dataset: str,
-                encoding: str, msi_dir: str | None, params: dict) -> pa.Table:
+                encoding: str, msi_dir: str | None, params: dict, s2_levels: tuple[int, ...],
+                h3_resolution: int) -> pa.Table:
     """Ray ``map_batches`` UDF: the image files of ``batch["path"]`` → rows written as uncommitted fragments.
 
     Returns one row: ``fragments`` (fragment metadata JSON), ``uuids`` (the rows written), ``skipped`` (JSON list).
@@ -92,10 +97,10 @@ def build_block(batch: pa.Table, *, dataset_uri: str, masks_by_stem: dict[str, s
     skipped: list[dict] = []
     paths = [Path(p) for p in batch.column("path").to_pylist()]
     chips, masks = load_tile_chips(paths, masks_by_stem, skipped)
-    msi_chips, msi_skipped = _msi_for(chips, msi_dir)
+    msi_chips, msi_skipped = msi_chips_for(chips, msi_dir)
     fragments, uuids = [], []
     if chips:
-        rows = training_rows(chips, masks, msi_chips, dataset, encoding, params)
+        rows = training_rows(chips, masks, msi_chips, dataset, encoding, params, s2_levels, h3_resolution)
         fragments = lance_fragments.write_fragments(rows, dataset_uri)
         uuids = rows.column("uuid").to_pylist()
     return pa.table({"fragments": [fragments], "uuids": [uuids], "skipped": [json.dumps(skipped + msi_skipped)]},
@@ -122,8 +127,8 @@ def build_dataset_ray(
     num_blocks: int | None = None,
     address: str | None = None,
 ) -> BuildReport:
-    """:func:`aegir.pipelines.build_dataset_from_images` on Ray: tiles split into ``num_blocks`` blocks (default:
-    the cluster's CPUs; at most ``BUILD_BATCH`` tiles a block), rows written by the workers, one commit.
+    """:func:`aegir.pipelines.dataset.build_dataset_from_images` on Ray: tiles split into ``num_blocks`` blocks
+    (default: the cluster's CPUs; at most ``BUILD_BATCH`` tiles a block), rows written by the workers, one commit.
 
     Re-running replaces the rows of the same uuids (no duplicates). Scalar indexes are refreshed afterwards.
     """
@@ -131,20 +136,24 @@ def build_dataset_ray(
 
     images = image_files.list_image_files(images_dir)
     masks_by_stem = {stem: str(p) for stem, p in image_files.mask_files_by_stem(masks_dir).items()}
-    dataset = dataset or _default_dataset_name(images_dir)
+    dataset = dataset or default_dataset_name(images_dir)
     params = {"images_dir": str(Path(images_dir).resolve()), "masks_dir": str(masks_dir) if masks_dir else None}
     with ray_cluster(address) as ray:  # before Lance starts its threads in this process
-        dataset_uri = lance_fragments.training_dataset_uri(uri, settings.lancedb_root)
+        table = lance_io.open_training_table(uri, settings.lancedb_root, s2_levels=settings.s2_levels,
+                                             h3_resolution=settings.h3_resolution)
+        dataset_uri = table.to_lance().uri
+        s2_levels, h3_resolution = lance_io.stored_s2_levels(table.schema), lance_io.stored_h3_resolution(table.schema)
         blocks = min(len(images), num_blocks or _cluster_cpus(ray))  # list_image_files: never empty
         per_block = min(BUILD_BATCH, math.ceil(len(images) / blocks))
         kwargs = {"dataset_uri": dataset_uri, "masks_by_stem": masks_by_stem, "dataset": dataset,
-                  "encoding": encoding, "msi_dir": msi_dir, "params": params}
+                  "encoding": encoding, "msi_dir": msi_dir, "params": params, "s2_levels": s2_levels,
+                  "h3_resolution": h3_resolution}
         results = (ray.data.from_items([{"path": str(p)} for p in images], override_num_blocks=blocks)
                    .map_batches(build_block, batch_format="pyarrow", batch_size=per_block, fn_kwargs=kwargs)
                    .take_all())
     fragments, uuids, skipped = _collect(results)
     commit = lance_fragments.commit_fragments(dataset_uri, fragments, uuids)
-    table = lance_io.open_training_table(uri, settings.lancedb_root)
+    table = lance_io.open_training_table(uri, settings.lancedb_root, create=False)
     lance_io.ensure_scalar_indexes(table)
     root, name = lance_io.resolve_table_location(uri, settings.lancedb_root)
     return BuildReport(f"{root}/{name}", commit.inserted, commit.updated, table.version, skipped)
@@ -194,8 +203,7 @@ class PredictReport:
 def _prediction_context(checkpoint: str, source_uri: str, source_version: int) -> dict[str, Any]:
     import datetime as dt
 
-    import aegir.training  # noqa: F401
-    from aegir.training.litmodule import read_checkpoint
+    from aegir.store.training_files import read_checkpoint
 
     return {"checkpoint": str(Path(checkpoint).resolve()),
             "model_data_version": int(read_checkpoint(checkpoint)["data_version"]),

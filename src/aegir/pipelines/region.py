@@ -25,7 +25,8 @@ import shapely
 
 from aegir.config import Settings
 from aegir.dataflows import region_inference
-from aegir.pipelines import build_driver, plan_grid
+from aegir.pipelines import build_driver
+from aegir.pipelines.plan import plan_grid
 from aegir.store import ducklake, region_files
 
 CELL_OUTPUTS = ("cell_probability_raster", "prediction_rows")
@@ -63,16 +64,18 @@ class RegionReport:
 
 
 class _CountingModel:
-    """Passes ``predict_proba`` through to the model and counts the tiles predicted."""
+    """The model's batch predictor (:func:`aegir.training.predictor.tile_predictor`), counting the tiles predicted."""
 
     def __init__(self, model: Any) -> None:
-        self.model, self.calls = model, 0
+        from aegir.training.predictor import tile_predictor
+
+        self.predict_tiles, self.calls = tile_predictor(model), 0
         self.data_version = getattr(model, "data_version", -1)
         self.dataset_uri = getattr(model, "dataset_uri", "")
 
-    def predict_proba(self, image):
-        self.calls += 1
-        return self.model.predict_proba(image)
+    def predict_batch(self, tiles):
+        self.calls += len(tiles)
+        return self.predict_tiles(tiles)
 
 
 def region_plan_id(tiles: list[region_files.TileRef], aoi: shapely.Geometry, plan_level: int,

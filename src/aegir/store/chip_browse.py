@@ -1,9 +1,10 @@
 """Read-only queries behind ``aegir browse``: versions, facets, filtered pages of chips with lon/lat footprints, and
 one chip's pixels.
 
-User input never reaches SQL as raw text: an S2 token must be hex and a valid cell of level ≤ 17, a dataset or
-provenance must be one of the table's own facet values, a uuid must be a plain identifier; what passes is quoted
-by :func:`aegir.store.lance_io.build_where_clause`. Bad input raises :class:`BadQuery`.
+User input never reaches SQL as raw text: an S2 token must be hex and a valid cell no finer than the table's
+finest stored level, a dataset or provenance must be one of the table's own facet values, a uuid must be a plain
+identifier; what passes is quoted by :func:`aegir.store.lance_io.build_where_clause`. Bad input raises
+:class:`BadQuery`. The S2 levels are those the table stores (``metadata.s2_token_l<level>``, read from its schema).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import re
 import threading
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import lance
 import numpy as np
@@ -22,22 +23,25 @@ import pyarrow.compute as pc
 from aegir.store import lance_io
 from aegir.utils import s2geometry
 
-S2_LEVELS = (10, 13, 17)  # the levels stored in metadata.s2_token_l<level>
-MAX_S2_LEVEL = max(S2_LEVELS)
 MAX_PAGE = 500
 NO_MASK = "none"  # provenance facet value of rows without a mask
 _HEX = re.compile(r"[0-9a-f]{1,16}")
 _UUID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
-_LIST_COLUMNS = {
+_RECORD_COLUMNS = {
     "uuid": "uuid", "dataset": "metadata.dataset", "sample_id": "metadata.sample_id",
-    "l10": "metadata.s2_token_l10", "l13": "metadata.s2_token_l13", "l17": "metadata.s2_token_l17",
     "provenance": "metadata.mask_source", "backend": "metadata.provenance.backend",
     "round": "metadata.provenance.round", "created_at": "metadata.provenance.created_at",
     "acquired_at": "metadata.acquired_at", "pv_fraction": "metadata.pv_fraction",
-    "lat": "metadata.centroid_lat", "lon": "metadata.centroid_lon", "crs": "metadata.crs",
-    "transform": "metadata.transform", "shape": "metadata.vhr_shape",
+    "lat": "metadata.centroid_lat", "lon": "metadata.centroid_lon",
 }
+_GRID_COLUMNS = {"crs": "metadata.crs", "transform": "metadata.transform", "shape": "metadata.vhr_shape"}
+
+
+def _list_columns(levels: Sequence[int]) -> dict[str, str]:
+    """{output name: column} of a chip page: record fields, ``l<level>`` per stored S2 level, grid fields."""
+    s2 = {f"l{level}": f"metadata.s2_token_l{level}" for level in levels}
+    return {**_RECORD_COLUMNS, **s2, **_GRID_COLUMNS}
 
 
 class BadQuery(lance_io.StoreError):
@@ -53,8 +57,8 @@ class ChipFilter:
     provenance: str | None = None
 
 
-def s2_level(token: str) -> int:
-    """Level of a canonical lower-case S2 ``token`` (≤ 17); :class:`BadQuery` for anything else."""
+def s2_level(token: str, max_level: int = 17) -> int:
+    """Level of a canonical lower-case S2 ``token`` (≤ ``max_level``); :class:`BadQuery` for anything else."""
     if not _HEX.fullmatch(token):
         raise BadQuery(f"S2 token {token!r} is not 1-16 lower-case hex digits")
     try:
@@ -64,8 +68,8 @@ def s2_level(token: str) -> int:
         raise BadQuery(f"{token!r} is not a valid S2 cell token") from exc
     if str(s2geometry.cell_id_to_token(cell)[0]) != token:
         raise BadQuery(f"S2 token {token!r} is not canonical (no trailing zeros)")
-    if level > MAX_S2_LEVEL:
-        raise BadQuery(f"S2 token {token!r} is level {level}; chips carry cells down to level {MAX_S2_LEVEL}")
+    if level > max_level:
+        raise BadQuery(f"S2 token {token!r} is level {level}; chips carry cells down to level {max_level}")
     return level
 
 
@@ -98,21 +102,29 @@ def _footprints(rows: pa.Table) -> list[list[list[float]] | None]:
     return out
 
 
-def _chip_records(rows: pa.Table) -> list[dict[str, Any]]:
+def _chip_records(rows: pa.Table, levels: Sequence[int]) -> list[dict[str, Any]]:
     footprints = _footprints(rows)
     records = []
-    for row, footprint in zip(rows.select([c for c in _LIST_COLUMNS if c not in ("crs", "transform", "shape")])
+    for row, footprint in zip(rows.select([c for c in rows.column_names if c not in _GRID_COLUMNS])
                               .to_pylist(), footprints):
         pv = row["pv_fraction"]
         records.append({
             "uuid": row["uuid"], "sample_id": row["sample_id"], "dataset": row["dataset"],
-            "s2": {"l10": row["l10"], "l13": row["l13"], "l17": row["l17"]},
+            "s2": {f"l{level}": row[f"l{level}"] for level in levels},
             "provenance": row["provenance"] or NO_MASK, "backend": row["backend"], "round": row["round"],
             "acquired_at": _iso(row["acquired_at"]), "created_at": _iso(row["created_at"]),
             "pv_fraction": None if pv is None else round(pv, 5),
             "centroid": [round(row["lon"], 7), round(row["lat"], 7)], "footprint": footprint,
         })
     return records
+
+
+def _levels(ds: lance.LanceDataset) -> tuple[int, ...]:
+    """The S2 levels (ascending) the table stores as ``metadata.s2_token_l<level>``."""
+    levels = lance_io.stored_s2_levels(ds.schema)
+    if not levels:
+        raise BadQuery(f"{ds.uri} stores no metadata.s2_token_l<level> fields")
+    return levels
 
 
 def _s2_cell_ring(token: str) -> list[list[float]]:
@@ -154,13 +166,15 @@ class BrowseSource:
             return self._datasets.setdefault(version, ds)
 
     def facets(self, version: int | None = None) -> dict[str, Any]:
-        """Rows, distinct datasets / provenances / level-10 S2 cells with counts, and the centroid extent."""
+        """Rows, distinct datasets / provenances / S2 cells of the coarsest stored level (``s2_l<level>``, level
+        10 by default) with counts, and the centroid extent."""
         ds = self.dataset(version)
         with self._lock:
             if ds.version in self._facets:
                 return self._facets[ds.version]
+        coarsest = _levels(ds)[0]
         cols = ds.to_table(columns={"dataset": "metadata.dataset", "provenance": "metadata.mask_source",
-                                    "l10": "metadata.s2_token_l10", "lat": "metadata.centroid_lat",
+                                    "cells": f"metadata.s2_token_l{coarsest}", "lat": "metadata.centroid_lat",
                                     "lon": "metadata.centroid_lon"})
 
         def counts(name: str) -> list[dict[str, Any]]:
@@ -172,12 +186,14 @@ class BrowseSource:
             lon, lat = pc.min_max(cols["lon"]), pc.min_max(cols["lat"])
             extent = [lon["min"].as_py(), lat["min"].as_py(), lon["max"].as_py(), lat["max"].as_py()]
         facets = {"version": int(ds.version), "rows": cols.num_rows, "datasets": counts("dataset"),
-                  "provenances": counts("provenance"), "s2_l10": counts("l10"), "extent": extent}
+                  "provenances": counts("provenance"), f"s2_l{coarsest}": counts("cells"), "extent": extent}
         with self._lock:
             return self._facets.setdefault(ds.version, facets)
 
-    def _where(self, facets: dict[str, Any], chip_filter: ChipFilter) -> tuple[dict[str, Any], int | None]:
-        """The store filter dict for ``chip_filter`` and the S2 level that still needs an exact post-filter."""
+    def _where(self, facets: dict[str, Any], chip_filter: ChipFilter, levels: Sequence[int]
+               ) -> tuple[dict[str, Any], int | None]:
+        """The store filter dict for ``chip_filter`` and the S2 level that still needs an exact post-filter
+        (``levels``: the table's stored S2 levels, ascending)."""
         where: dict[str, Any] = {}
         for name, field, value in (("dataset", "metadata.dataset", chip_filter.dataset),
                                    ("provenance", "metadata.mask_source", chip_filter.provenance)):
@@ -189,11 +205,11 @@ class BrowseSource:
             where[field] = None if (name == "provenance" and value == NO_MASK) else value
         if chip_filter.s2 is None:
             return where, None
-        level = s2_level(chip_filter.s2)
-        stored = max((lv for lv in S2_LEVELS if lv <= level), default=None)
+        level = s2_level(chip_filter.s2, levels[-1])
+        stored = max((lv for lv in levels if lv <= level), default=None)
         if stored is not None:
             where[f"metadata.s2_token_l{stored}"] = str(s2geometry.parent_tokens([chip_filter.s2], stored)[0])
-        return where, None if level in S2_LEVELS else level
+        return where, None if level in levels else level
 
     def chips(self, chip_filter: ChipFilter, version: int | None = None, limit: int = 60,
               offset: int = 0) -> dict[str, Any]:
@@ -201,16 +217,17 @@ class BrowseSource:
         if not 1 <= limit <= MAX_PAGE or offset < 0:
             raise BadQuery(f"limit must be 1..{MAX_PAGE} and offset ≥ 0 (got {limit}, {offset})")
         ds = self.dataset(version)
-        where, exact_level = self._where(self.facets(ds.version), chip_filter)
+        levels = _levels(ds)
+        where, exact_level = self._where(self.facets(ds.version), chip_filter, levels)
         clause = lance_io.build_where_clause(where, ds.schema)
-        rows = ds.to_table(columns=_LIST_COLUMNS, filter=clause)
+        rows = ds.to_table(columns=_list_columns(levels), filter=clause)
         if exact_level is not None and rows.num_rows:
-            inside = s2geometry.parent_tokens(rows["l17"].to_numpy(zero_copy_only=False), exact_level) == chip_filter.s2
-            rows = rows.filter(pa.array(inside))
+            finest = rows[f"l{levels[-1]}"].to_numpy(zero_copy_only=False)
+            rows = rows.filter(pa.array(s2geometry.parent_tokens(finest, exact_level) == chip_filter.s2))
         rows = rows.sort_by([("dataset", "ascending"), ("sample_id", "ascending"), ("uuid", "ascending")])
         return {"version": int(ds.version), "total": rows.num_rows, "offset": offset, "limit": limit,
                 "s2_cell": _s2_cell_ring(chip_filter.s2) if chip_filter.s2 else None,
-                "chips": _chip_records(rows.slice(offset, limit))}
+                "chips": _chip_records(rows.slice(offset, limit), levels)}
 
     def chip_row(self, uuid: str, version: int | None = None) -> dict[str, Any] | None:
         """The pixels, mask and metadata of one chip, or None when no row has ``uuid``."""

@@ -15,7 +15,21 @@ import numpy as np
 from PIL import Image
 from rasterio.errors import NotGeoreferencedWarning
 
-from aegir.store.lance_io import CHIP_ENCODINGS, decode_raw_array, encode_raw_array
+from aegir.store.lance_io import CHIP_ENCODINGS
+
+
+def encode_raw_array(arr: np.ndarray) -> bytes:
+    """C-order raw bytes of ``arr`` (pair with its shape and dtype in the metadata)."""
+    return np.ascontiguousarray(arr).tobytes(order="C")
+
+
+def decode_raw_array(buf: bytes, shape: Sequence[int], dtype: str | np.dtype) -> np.ndarray:
+    """A writable array of ``shape``/``dtype`` from C-order raw bytes; a size mismatch raises ValueError."""
+    dtype = np.dtype(dtype)
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(buf) != expected:
+        raise ValueError(f"{len(buf)} bytes do not hold a {tuple(shape)} {dtype} array ({expected} bytes)")
+    return np.frombuffer(buf, dtype=dtype).reshape(tuple(shape)).copy()
 
 
 def _check_encoding(encoding: str) -> None:

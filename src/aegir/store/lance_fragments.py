@@ -26,10 +26,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from lance.fragment import FragmentMetadata
 
-from aegir.store import lance_io
+from aegir.store import lance_io, sql
 from aegir.store.lance_io import StoreError
 
-PREDICTIONS_TABLE = "predictions"
+CHIP_PREDICTIONS_TABLE = "predictions"  # the Lance table of per-chip predictions (not the lakehouse predicted_pv)
 
 PREDICTIONS_SCHEMA: pa.Schema = pa.schema(
     [
@@ -65,7 +65,7 @@ def training_dataset_uri(uri: str | None, lancedb_root: str) -> str:
 def predictions_dataset_uri(out_uri: str | None, lancedb_root: str) -> str:
     """Lance dataset URI of the predictions table at ``out_uri`` (default ``predictions`` under the LanceDB root);
     created empty, Lance format 2.0, when missing; a table of another schema is an error."""
-    root, name = lance_io.resolve_table_location(out_uri, lancedb_root, PREDICTIONS_TABLE)
+    root, name = lance_io.resolve_table_location(out_uri, lancedb_root, CHIP_PREDICTIONS_TABLE)
     location = f"{root.rstrip('/')}/{name}.lance"
     try:
         dataset = lance.dataset(location)
@@ -108,10 +108,6 @@ def _rows_to_replace(dataset: lance.LanceDataset, uuids: Sequence[str]) -> dict[
     return out
 
 
-def _in_list(values: Sequence[str]) -> str:
-    return "uuid IN (" + ", ".join("'" + v.replace("'", "''") + "'" for v in values) + ")"
-
-
 def commit_fragments(dataset_uri: str, fragments_json: Sequence[str], uuids: Sequence[str]) -> FragmentCommit:
     """Commit the worker-written fragments holding ``uuids`` in ONE version, replacing existing rows by uuid.
 
@@ -129,7 +125,7 @@ def commit_fragments(dataset_uri: str, fragments_json: Sequence[str], uuids: Seq
     else:
         removed, updated = [], []
         for fragment_id, values in replace.items():
-            kept = dataset.get_fragment(fragment_id).delete(_in_list(values))
+            kept = dataset.get_fragment(fragment_id).delete(sql.in_list("uuid", values))
             (removed.append(fragment_id) if kept is None else updated.append(kept))
         operation = lance.LanceOperation.Update(removed_fragment_ids=removed, updated_fragments=updated,
                                                 new_fragments=fragments)

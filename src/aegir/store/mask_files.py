@@ -98,7 +98,7 @@ def _read_geo_prompts(path: Path) -> pd.DataFrame:
 def read_image_chip(path: str | Path) -> Chip:
     """An image file as a Chip: GeoTIFF via rasterio (its grid), PNG/BMP/JPEG via the named-tile loader (file
     georeference, else the Jiang / Google-static name convention, else a bare pixel grid)."""
-    from aegir.dataflows.vhr_loaders import named_tile_chip
+    from aegir.store.rasters import named_tile_chip
 
     path = Path(path)
     if path.suffix.lower() in (".tif", ".tiff"):
@@ -177,7 +177,7 @@ def write_component_box_prompts(images_dir: str | Path, masks_dir: str | Path, p
     (matched by file stem); returns the number of prompts written."""
     import csv
 
-    from aegir.masks.prompts import mask_component_boxes
+    from aegir.utils.components import mask_component_boxes
     from aegir.store.image_files import list_image_files, mask_files_by_stem, read_mask
 
     by_stem = mask_files_by_stem(masks_dir)

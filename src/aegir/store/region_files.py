@@ -100,7 +100,7 @@ def read_tile_window(tile: TileRef, bounds: tuple[float, float, float, float], c
     GeoTIFFs: a windowed read of that part only. Named PNG/BMP tiles: the whole tile (no windowed read exists);
     a tile whose pixels differ in size from its indexed grid is a ValueError naming the file.
     """
-    from aegir.dataflows.vhr_loaders import RasterWindow, geotiff_chip, named_tile_chip
+    from aegir.store.rasters import RasterWindow, geotiff_chip, named_tile_chip
 
     if not tile.named:
         return geotiff_chip(tile.path, RasterWindow(crs, bounds=_clip_bounds(tile, bounds, crs)))

@@ -54,7 +54,7 @@ class TrainConfig:
     split_salt: str = ""
     dataset_version: int | None = None  # None: the table's current version (recorded in the checkpoint)
     filter_dataset: list[str] = field(default_factory=list)
-    filter_s2_prefix: str | None = None  # S2 token of any level <= 17: rows inside that cell
+    filter_s2_cell: str | None = None  # S2 cell token of any level <= 17: rows inside that cell
     filter_date_from: str | None = None  # metadata.acquired_at >= (ISO date/time, UTC)
     filter_date_to: str | None = None  # metadata.acquired_at < next day of this date (inclusive date)
     filter_mask_source: list[str] = field(default_factory=list)  # e.g. ground_truth, sam, lakehouse_labels

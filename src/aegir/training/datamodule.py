@@ -1,8 +1,9 @@
 """LightningDataModule over the LanceDB ``training_data`` table, streamed with ``lance.torch.data``.
 
 * **Rows**: rows with a mask, narrowed by metadata filters (dataset, mask source, provenance backend: SQL built by
-  :func:`aegir.store.lance_io.build_where_clause`, values quoted there; S2 cell and acquisition dates: checked in
-  Python on the scanned metadata, exact for any S2 level ≤ 17).
+  :func:`aegir.store.lance_io.build_where_clause`, values quoted by :mod:`aegir.store.sql`; S2 cell
+  (``filter_s2_cell``) and acquisition dates: checked in Python on the scanned metadata, exact for any S2
+  level ≤ 17).
 * **Splits**: spatially disjoint. Each row's S2 cell at ``split_level`` (the parent of its level-17 token) is
   hashed (sha256 of ``salt:token``) to u ∈ [0, 1): val when u < val_fraction, test when u < val+test, else train.
   A cell never changes split when rows are added. The split, its cells and the table version read are recorded
@@ -30,7 +31,7 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from aegir.store import lance_io
+from aegir.store import lance_io, sql, training_files
 from aegir.training.config import TrainConfig
 from aegir.training.lance_tensors import decode_chip_column, training_batch_to_tensors
 from aegir.utils import s2geometry
@@ -108,11 +109,12 @@ def select_rows(dataset, config: TrainConfig) -> tuple[pa.Table, str | None]:
         filter=where,
     )
     keep = np.ones(rows.num_rows, dtype=bool)
-    if config.filter_s2_prefix:
-        token = config.filter_s2_prefix.strip().lower()
+    if config.filter_s2_cell:
+        token = config.filter_s2_cell.strip().lower()
         level = int(s2geometry.cell_level(s2geometry.token_to_cell_id(np.array([token])))[0])
-        if level > 17:
-            raise lance_io.StoreError(f"S2 prefix {token!r} is level {level}; rows carry cells down to level 17")
+        if level > sql.S2_TOKEN_MAX_LEVEL:
+            raise lance_io.StoreError(f"S2 cell {token!r} is level {level}; rows carry cells down to level "
+                                      f"{sql.S2_TOKEN_MAX_LEVEL}")
         keep &= s2geometry.parent_tokens(rows["s2"].to_numpy(zero_copy_only=False), level) == token
     if config.filter_date_from or config.filter_date_to:
         times = rows["acquired_at"].to_pylist()
@@ -141,10 +143,8 @@ def make_splits(dataset, dataset_uri: str, config: TrainConfig) -> SplitInfo:
 
 
 def uuid_filter(uuids: list[str]) -> str:
-    """``uuid IN ('…', …)`` with quotes doubled (uuids come from the table, never from the user)."""
-    if not uuids:
-        return "FALSE"
-    return "uuid IN (" + ", ".join("'" + u.replace("'", "''") + "'" for u in uuids) + ")"
+    """``uuid IN ('…', …)`` (``FALSE`` when empty), quoted by :func:`aegir.store.sql.in_list`."""
+    return sql.in_list("uuid", uuids)
 
 
 # ---- decoding, augmentation --------------------------------------------------------------------------------
@@ -295,12 +295,10 @@ class LanceSegmentationData(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self._dataset is not None:
             return
-        import lance
-
-        table = lance_io.open_training_table(self.dataset_uri, self.lancedb_root, create=False)
-        version = self.config.dataset_version or int(table.version)
-        self._dataset = lance.dataset(table.to_lance().uri, version=version)
-        self.split = make_splits(self._dataset, table.to_lance().uri, self.config)
+        self._dataset, uri = training_files.pinned_training_dataset(self.dataset_uri, self.lancedb_root,
+                                                                    self.config.dataset_version)
+        version = self._dataset.version
+        self.split = make_splits(self._dataset, uri, self.config)
         if not self.split.uuids["train"]:
             raise ValueError(f"no training rows in {self.dataset_uri} (version {version}) after filters and split")
         self.stats = band_stats(self._dataset, self.split.uuids["train"], self.config.inputs,

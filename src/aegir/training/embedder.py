@@ -3,29 +3,22 @@
 A :class:`ChipEncoder` maps raw chips ``(B, C, H, W)`` (uint8 RGB exactly as stored in ``training_data``) to
 ``(B, D)`` float32 vectors: the network's own normalisation, the smp encoder, then the global average pool of the
 deepest feature map. ``model_id`` names the weights by content hash (``<kind>:<encoder>@<sha256[:16]>``), so the
-same weights give the same id wherever the file lies — the key that makes re-embedding idempotent.
+same weights give the same id wherever the file lies (:func:`aegir.store.training_files.file_digest`) — the key
+that makes re-embedding idempotent.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from aegir.store.training_files import file_digest
+
 IMAGENET_MEAN_255 = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 IMAGENET_STD_255 = [0.229 * 255, 0.224 * 255, 0.225 * 255]
-
-
-def file_digest(path: str | Path, length: int = 16) -> str:
-    """First ``length`` hex digits of the SHA-256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:length]
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """LightningModule over segmentation_models_pytorch, checkpoints loadable with ``torch.load(weights_only=True)``,
-and :func:`load_segmentation_model` for the other stages.
+and :func:`load_segmentation_model` for the other stages (predicting through :mod:`aegir.training.predictor`).
 
 The network normalises its own input (per-band mean / std of the train split are buffers), so every caller hands
 it raw pixels (uint8 RGB, or float MSI reflectance) exactly as they sit in ``training_data``.
@@ -7,7 +7,7 @@ it raw pixels (uint8 RGB, or float MSI reflectance) exactly as they sit in ``tra
 ``best.ckpt`` is written by :class:`BestCheckpoint` (not Lightning's ModelCheckpoint, whose files carry optimizer
 and callback state that needs pickle): ``{"format", "state_dict" (tensors), "config" (JSON-able dict),
 "data_version", "dataset_uri", "band_stats", "split", "metrics", "epoch"}``, only tensors and plain
-str/int/float/bool/None/list/dict.
+str/int/float/bool/None/list/dict. Checkpoint files are written and read by :mod:`aegir.store.training_files`.
 """
 
 from __future__ import annotations
@@ -24,9 +24,15 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryF1Score, BinaryJaccardIndex, BinaryPrecision, BinaryRecall
 
+from aegir.store import training_files
+from aegir.store.training_files import CHECKPOINT_FORMAT
 from aegir.training.config import TrainConfig
-
-CHECKPOINT_FORMAT = "aegir-segmentation/1"
+from aegir.training.predictor import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_OVERLAP_PX,
+    DEFAULT_TILE_PX,
+    blended_probabilities,
+)
 
 
 def _smp():
@@ -41,11 +47,7 @@ def build_network(arch: str, encoder: str, in_channels: int, encoder_weights: st
     smp = _smp()
     net = smp.create_model(arch, encoder_name=encoder, encoder_weights=None, in_channels=in_channels, classes=1)
     if encoder_weights:
-        path = Path(encoder_weights)
-        if not path.is_file():
-            raise FileNotFoundError(f"encoder_weights {encoder_weights}: no such file (only local weights are used)")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        state = training_files.read_encoder_weights(encoder_weights)
         state = {k.removeprefix("encoder."): v for k, v in state.items()}
         missing, unexpected = net.encoder.load_state_dict(state, strict=False)
         if len(missing) == len(net.encoder.state_dict()):
@@ -203,10 +205,7 @@ class BestCheckpoint(L.Callback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
         payload = checkpoint_payload(module, self.data_version, self.dataset_uri, self.split, metrics,
                                      trainer.current_epoch)
-        self.dirpath.mkdir(parents=True, exist_ok=True)
-        tmp = self.dirpath / f".{name}.tmp"
-        torch.save(payload, tmp)
-        tmp.replace(self.dirpath / name)
+        training_files.write_checkpoint(payload, self.dirpath / name)
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: SegmentationLitModule) -> None:
         if trainer.sanity_checking:
@@ -229,13 +228,17 @@ class BestCheckpoint(L.Callback):
 
 
 class SegmentationModel:
-    """A trained network for the other stages: ``predict_proba((C, H, W) chip) -> (H, W) float32`` in [0, 1].
+    """A trained network for the other stages: ``predict_proba((C, H, W) image) -> (H, W) float32`` in [0, 1] and
+    ``predict_batch((B, C, h, w) tiles) -> (B, h, w)``.
 
-    Pads to the network's stride multiple internally (reflect); images larger than ``tile`` pixels are predicted
-    in overlapping tiles (averaged). ``config`` (dict), ``data_version``, ``band_stats``, ``metrics``.
+    Images larger than ``tile`` px are predicted in overlapping tiles (``overlap`` px, ``batch_size`` tiles per
+    network pass) blended by :func:`aegir.training.predictor.blended_probabilities`; smaller ones in one pass.
+    Inputs are padded to the network's stride internally (reflect). ``config`` (dict), ``data_version``,
+    ``band_stats``, ``metrics``.
     """
 
-    def __init__(self, payload: dict[str, Any], device: str | torch.device = "cpu", tile: int = 1024) -> None:
+    def __init__(self, payload: dict[str, Any], device: str | torch.device = "cpu", tile: int = DEFAULT_TILE_PX,
+                 overlap: int = DEFAULT_OVERLAP_PX, batch_size: int = DEFAULT_BATCH_SIZE) -> None:
         self.config: dict[str, Any] = payload["config"]
         self.data_version: int = int(payload["data_version"])
         self.dataset_uri: str = payload.get("dataset_uri", "")
@@ -243,7 +246,7 @@ class SegmentationModel:
         self.metrics: dict[str, float] = payload.get("metrics", {})
         self.split: dict | None = payload.get("split")
         self.device = torch.device(device)
-        self.tile = tile
+        self.tile, self.overlap, self.batch_size = tile, overlap, batch_size
         self.net = SegmentationNet(self.config["arch"], self.config["encoder"], self.band_stats["mean"],
                                    self.band_stats["std"])
         self.net.load_state_dict(payload["state_dict"])
@@ -255,47 +258,26 @@ class SegmentationModel:
         return len(self.band_stats["mean"])
 
     @torch.no_grad()
-    def _predict_padded(self, image: torch.Tensor) -> torch.Tensor:
-        h, w = image.shape[-2:]
+    def predict_batch(self, tiles: np.ndarray) -> np.ndarray:
+        """(B, h, w) float32 PV probabilities of raw (B, C, h, w) tiles, in one network pass."""
+        if tiles.ndim != 4 or tiles.shape[1] != self.in_channels:
+            raise ValueError(f"expected ({self.in_channels}, H, W) tiles, got shape {tiles.shape[1:]}")
+        x = torch.from_numpy(np.ascontiguousarray(tiles)).float().to(self.device)
+        h, w = x.shape[-2:]
         ph, pw = (-h) % self.stride, (-w) % self.stride
         if ph or pw:
             mode = "reflect" if ph < h and pw < w else "replicate"
-            image = torch.nn.functional.pad(image, (0, pw, 0, ph), mode=mode)
-        return torch.sigmoid(self.net(image))[0, 0, :h, :w]
+            x = torch.nn.functional.pad(x, (0, pw, 0, ph), mode=mode)
+        return torch.sigmoid(self.net(x))[:, 0, :h, :w].float().cpu().numpy()
 
-    @torch.no_grad()
     def predict_proba(self, image: np.ndarray) -> np.ndarray:
-        """(H, W) float32 PV probability of a (C, H, W) chip (uint8 for VHR inputs)."""
+        """(H, W) float32 PV probability of a (C, H, W) image (uint8 for VHR inputs), tiled and blended."""
         if image.ndim != 3 or image.shape[0] != self.in_channels:
             raise ValueError(f"expected a ({self.in_channels}, H, W) chip, got shape {image.shape}")
-        x = torch.from_numpy(np.ascontiguousarray(image)).float()[None].to(self.device)
-        h, w = x.shape[-2:]
-        if max(h, w) <= self.tile:
-            return self._predict_padded(x).float().cpu().numpy()
-        step, overlap = self.tile - 128, 128
-        total = torch.zeros((h, w), device=self.device)
-        weight = torch.zeros((h, w), device=self.device)
-        for top in list(range(0, max(1, h - overlap), step)):
-            for left in list(range(0, max(1, w - overlap), step)):
-                bottom, right = min(h, top + self.tile), min(w, left + self.tile)
-                t0, l0 = max(0, bottom - self.tile), max(0, right - self.tile)
-                total[t0:bottom, l0:right] += self._predict_padded(x[..., t0:bottom, l0:right])
-                weight[t0:bottom, l0:right] += 1
-        return (total / weight.clamp(min=1)).float().cpu().numpy()
-
-
-def read_checkpoint(checkpoint_path: str | Path) -> dict[str, Any]:
-    """The checkpoint payload, read with ``weights_only=True`` (no arbitrary pickle)."""
-    path = Path(checkpoint_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{checkpoint_path}: no such checkpoint")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{checkpoint_path}: not an aegir segmentation checkpoint ({CHECKPOINT_FORMAT})")
-    return payload
+        return blended_probabilities(image, self.predict_batch, self.tile, self.overlap, self.batch_size)
 
 
 def load_segmentation_model(checkpoint_path: str, device: str | None = None) -> SegmentationModel:
     """A :class:`SegmentationModel` from ``best.ckpt`` (CUDA when available unless ``device`` says otherwise)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return SegmentationModel(read_checkpoint(checkpoint_path), device=device)
+    return SegmentationModel(training_files.read_checkpoint(checkpoint_path), device=device)

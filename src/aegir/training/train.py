@@ -2,7 +2,8 @@
 
 Loggers: CSV always (``OUT/logs/csv``), Weights & Biases (``OUT/wandb``; offline unless ``WANDB_API_KEY`` is set,
 ``WANDB_MODE`` respected when given), TensorBoard when ``config.tensorboard`` (``OUT/logs/tensorboard``).
-The split and band statistics are written to ``OUT/split.json`` and stored in every checkpoint.
+The split and band statistics are written to ``OUT/split.json`` and stored in every checkpoint (run files:
+:mod:`aegir.store.training_files`).
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+
 import lightning as L
 import torch
 
+from aegir.store import training_files
 from aegir.training.config import TrainConfig
 from aegir.training.datamodule import LanceSegmentationData
 from aegir.training.litmodule import BestCheckpoint, SegmentationLitModule
@@ -41,7 +44,7 @@ def _wandb_logger(config: TrainConfig, out: Path, name: str | None):
         from lightning.pytorch.loggers import WandbLogger
     except ImportError:  # pragma: no cover - wandb is an install dependency of the training extra
         return None
-    (out / "wandb").mkdir(parents=True, exist_ok=True)
+    training_files.wandb_dir(out)
     return WandbLogger(project=config.wandb_project, name=name, save_dir=str(out),
                        offline=os.environ.get("WANDB_MODE") == "offline", config=config.to_dict())
 
@@ -63,15 +66,14 @@ def run_training(dataset_uri: str | None, config: TrainConfig, out_dir: str | Pa
                  lancedb_root: str = "data/lancedb", run_name: str | None = None) -> TrainResult:
     """Fit ``config`` on the train split of ``dataset_uri``, validate on the val split each epoch, keep the best
     val IoU as ``out_dir/best.ckpt``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = training_files.run_dir(out_dir)
     started = time.perf_counter()
     if config.threads:
         torch.set_num_threads(config.threads)
     L.seed_everything(config.seed, workers=True, verbose=False)
     data = LanceSegmentationData(dataset_uri, config, lancedb_root)
     data.setup("fit")
-    (out / "split.json").write_text(data.split.to_json())
+    training_files.write_split_json(out, data.split.to_json())
     module = SegmentationLitModule(config, data.stats)
     has_val = bool(data.split.uuids["val"])
     best = BestCheckpoint(out, data.dataset_version, data.split.dataset_uri,
@@ -103,7 +105,7 @@ def run_training(dataset_uri: str | None, config: TrainConfig, out_dir: str | Pa
         except Exception as exc:  # noqa: BLE001 - logging teardown must not fail a finished run
             warnings.warn(f"wandb.finish() failed: {exc}", stacklevel=2)
     best_path = out / "best.ckpt"
-    if not best_path.is_file():
+    if not training_files.checkpoint_exists(best_path):
         raise RuntimeError(f"training wrote no checkpoint to {best_path} (no epoch finished)")
     return TrainResult(str(best_path), str(out / "last.ckpt"), data.dataset_version, data.split.counts(),
                        best.best_metrics, trainer.current_epoch, time.perf_counter() - started)

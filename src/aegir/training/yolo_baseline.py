@@ -1,7 +1,8 @@
 """YOLO-seg baseline: ``training_data`` → an Ultralytics YOLO segmentation dataset, trained and scored with
 ``ultralytics`` (the optional ``yolo`` extra) so its mask mAP can sit next to the SMP model's IoU.
 
-**Export** (:func:`export_yolo_dataset`, no ultralytics needed) writes under ``OUT``::
+**Export** (:func:`export_yolo_dataset`, no ultralytics needed) writes under ``OUT`` (through
+:mod:`aegir.store.yolo_files`, which also reads label files back: ``read_label_polygons``)::
 
     images/{train,val,test}/<uuid>.png   the chip as RGB uint8 (H, W, 3); non-uint8 / other band counts go
                                          through Chip.rgb8 (the view ``aegir predict`` feeds the model)
@@ -32,8 +33,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ import cv2
 import numpy as np
 import torch
 
-from aegir.store import lance_io
+from aegir.store import training_files, yolo_files
 from aegir.training.config import TrainConfig
 from aegir.training.datamodule import SPLITS, make_splits, uuid_filter
 from aegir.training.lance_tensors import training_batch_to_tensors
@@ -85,22 +84,7 @@ def label_text(polygons: list[np.ndarray], class_id: int = 0) -> str:
     return "".join(f"{class_id} " + " ".join(f"{v:.6f}" for v in p.reshape(-1)) + "\n" for p in polygons)
 
 
-def read_label_polygons(path: str | Path) -> list[np.ndarray]:
-    """The (K, 2) normalised polygons of a YOLO segmentation label file (class ids dropped)."""
-    rows = [line.split() for line in Path(path).read_text().splitlines() if line.strip()]
-    return [np.array(row[1:], dtype=np.float64).reshape(-1, 2) for row in rows]
-
-
 # ---- export ------------------------------------------------------------------------------------------------
-
-
-def _pinned_dataset(dataset_uri: str | None, config: TrainConfig, lancedb_root: str):
-    """The lance dataset at the version :class:`LanceSegmentationData` would read, and its uri."""
-    import lance
-
-    table = lance_io.open_training_table(dataset_uri, lancedb_root, create=False)
-    uri = table.to_lance().uri
-    return lance.dataset(uri, version=config.dataset_version or int(table.version)), uri
 
 
 def _decoded_rows(batch) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
@@ -129,27 +113,6 @@ def _rgb8(chip: np.ndarray, uuid: str) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(chip, 0, -1))
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    parts = [out / "images", out / "labels", out / "data.yaml", out / "split.json"]
-    if any(p.exists() for p in parts):
-        if not overwrite:
-            raise FileExistsError(f"{out} already holds a YOLO export (overwrite=True, or --overwrite on the CLI, replaces it)")
-        for p in parts:
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    for split in SPLITS:
-        (out / "images" / split).mkdir(parents=True)
-        (out / "labels" / split).mkdir(parents=True)
-
-
-def write_data_yaml(out: Path) -> Path:
-    """``out/data.yaml`` for Ultralytics (strings JSON-quoted, which YAML reads as-is; no PyYAML needed)."""
-    lines = [f"path: {json.dumps(str(out.resolve()))}"] + [f"{s}: images/{s}" for s in SPLITS]
-    lines += ["names:"] + [f"  {k}: {v}" for k, v in CLASS_NAMES.items()]
-    path = out / "data.yaml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def export_yolo_dataset(dataset_uri: str | None, out_dir: str | Path, config: TrainConfig | None = None,
                         lancedb_root: str = "data/lancedb", overwrite: bool = False,
                         batch_size: int = 32) -> dict[str, Any]:
@@ -161,8 +124,8 @@ def export_yolo_dataset(dataset_uri: str | None, out_dir: str | Path, config: Tr
     "dropped_polygons": int}``."""
     config = config or TrainConfig()
     out = Path(out_dir)
-    _prepare_out(out, overwrite)
-    dataset, uri = _pinned_dataset(dataset_uri, config, lancedb_root)
+    yolo_files.prepare_export_dir(out, SPLITS, overwrite)
+    dataset, uri = training_files.pinned_training_dataset(dataset_uri, lancedb_root, config.dataset_version)
     split = make_splits(dataset, uri, config)
     counts, objects, empty, dropped = {s: 0 for s in SPLITS}, {s: 0 for s in SPLITS}, {s: 0 for s in SPLITS}, 0
     for name in SPLITS:
@@ -172,25 +135,20 @@ def export_yolo_dataset(dataset_uri: str | None, out_dir: str | Path, config: Tr
                                      batch_size=batch_size)
         for batch in batches:
             for uuid, chip, mask in _decoded_rows(batch):
-                if not re.fullmatch(r"[\w.-]+", uuid):
-                    raise ValueError(f"uuid {uuid!r} cannot be used as a file name")
-                bgr = cv2.cvtColor(_rgb8(chip, uuid), cv2.COLOR_RGB2BGR)
-                if not cv2.imwrite(str(out / "images" / name / f"{uuid}.png"), bgr):
-                    raise OSError(f"cannot write {out / 'images' / name / uuid}.png")
                 polygons, lost = mask_to_polygons(mask)
-                (out / "labels" / name / f"{uuid}.txt").write_text(label_text(polygons))
+                yolo_files.write_sample(out, name, uuid, _rgb8(chip, uuid), label_text(polygons))
                 counts[name] += 1
                 objects[name] += len(polygons)
                 empty[name] += not polygons
                 dropped += lost
         if counts[name] != len(split.uuids[name]):
             raise RuntimeError(f"{name}: exported {counts[name]} rows of {len(split.uuids[name])} in the split")
-    data_yaml = write_data_yaml(out)
-    report = {"out_dir": str(out), "data_yaml": str(data_yaml), "split_json": str(out / "split.json"),
+    data_yaml = yolo_files.write_data_yaml(out, SPLITS, CLASS_NAMES)
+    report = {"out_dir": str(out), "data_yaml": str(data_yaml), "split_json": str(out / yolo_files.SPLIT_FILE),
               "dataset_uri": uri, "dataset_version": split.dataset_version, "counts": counts, "objects": objects,
               "empty_labels": empty, "dropped_polygons": dropped}
     record = json.loads(split.to_json()) | {"config": config.to_dict(), "yolo_export": report}
-    (out / "split.json").write_text(json.dumps(record, indent=1))
+    yolo_files.write_export_record(out, record)
     return report
 
 
@@ -232,7 +190,7 @@ def _verify_split(folder: Path, num_classes: int) -> dict[str, Any]:
     """Ultralytics' own per-file label verifier over one image folder."""
     from ultralytics.data.utils import IMG_FORMATS, img2label_paths, verify_image_label
 
-    images = sorted(str(p) for p in folder.iterdir() if p.suffix.lower().lstrip(".") in IMG_FORMATS)
+    images = yolo_files.image_files_in(folder, IMG_FORMATS)
     result = {"images": len(images), "found": 0, "missing": 0, "empty": 0, "corrupt": 0, "instances": 0,
               "segments": 0, "messages": []}
     for image, label in zip(images, img2label_paths(images)):

@@ -13,6 +13,9 @@ Cell polygons are lon/lat rings through the cell's (densified) great-circle edge
 edge at every level >= 1, so only the level-0 face 3 crosses it (returned as a MultiPolygon split at ±180);
 cells on the antimeridian get the matching ±180 sign, and cells touching a pole get an edge along lat = ±90. Coverings treat the input geometry as planar in lon/lat (shapely's model); geometries that cross
 the antimeridian must be given split at ±180 (RFC 7946 style).
+
+Length: this module is one algorithm (ids → tokens → cell vertices → polygons → coverings, sharing the projection
+and Hilbert tables); it stays whole at ~440 lines rather than split the tables from the code that reads them.
 """
 
 from __future__ import annotations

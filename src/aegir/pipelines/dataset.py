@@ -1,0 +1,240 @@
+"""``training_data`` jobs (``aegir dataset build|info``): image tiles (+ masks, + Sentinel-2) or lakehouse labels →
+chips → rows of the LanceDB ``training_data`` table.
+
+Each batch runs the ``training_samples`` DAG to ``training_rows`` and is written by :func:`write_training_batch`
+through :mod:`aegir.store.lance_io` (one ``merge_insert`` commit per batch, scalar indexes refreshed after).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from aegir.config import Settings
+from aegir.pipelines import run_stage
+from aegir.pipelines.labels import build_prompts
+from aegir.store import ducklake, image_files, lance_io
+from aegir.utils import geo
+from aegir.utils.types import Chip
+
+if TYPE_CHECKING:
+    import lancedb
+
+# Chips per Lance commit: bounds memory (merge_insert hashes the incoming batch inside Lance's 300 MB pool;
+# 256 RGB 256² chips + masks ≈ 70 MB); each commit is a complete, readable version.
+BUILD_BATCH = 256
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    """Outcome of ``aegir dataset build``: rows upserted, the table version after the build (indexes included),
+    and every skipped input with its reason."""
+
+    location: str
+    inserted: int
+    updated: int
+    version: int
+    skipped: list[dict]
+
+
+def write_training_batch(table: lancedb.table.Table, chips: list[Chip], masks: dict[str, np.ndarray],
+                         msi: dict[str, Chip], dataset: str, encoding: str, mask_source: str,
+                         params: dict) -> lance_io.UpsertResult:
+    """Upsert one ``training_data`` row per chip (keyed by uuid, one commit) and refresh the scalar indexes.
+
+    ``masks``: sample_id → (H, W) 0/1 mask on the chip grid; ``msi``: sample_id → co-registered Sentinel-2 chip;
+    ``params``: provenance parameters stored with every row (see :mod:`aegir.dataflows.training_sample_builder`).
+    """
+    rows = run_stage("training_samples", ["training_rows"], {
+        "sample_chips": chips, "sample_masks": masks, "msi_chips": msi, "dataset_name": dataset,
+        "chip_encoding": encoding, "mask_source": mask_source, "provenance_params": params,
+        "s2_levels": lance_io.stored_s2_levels(table.schema), "h3_resolution": lance_io.stored_h3_resolution(table.schema),
+    })["training_rows"]
+    if rows.num_rows == 0:
+        result = lance_io.UpsertResult(0, 0, table.version)
+    else:
+        result = lance_io.upsert_training_rows(table, rows)
+    lance_io.ensure_scalar_indexes(table)
+    return result
+
+
+def msi_chips_for(chips: list[Chip], msi_dir: str | None) -> tuple[dict[str, Chip], list[dict]]:
+    """Co-registered Sentinel-2 chips (sample_id → Chip) for chips inside the scene in ``msi_dir``, and the chips
+    without one as skipped {file, reason}."""
+    if not msi_dir:
+        return {}, []
+    from aegir.store import msi_files as msi
+
+    files = msi.msi_band_files(msi_dir)
+    grid = msi.msi_scene_grid(files)
+    offset = msi.msi_dn_offset()
+    out, skipped = {}, []
+    for chip in chips:
+        try:
+            out[chip.extras["sample_id"]] = msi.msi_chip_for_bounds(files, grid, chip.bounds, chip.crs.to_string(),
+                                                                    offset)
+        except msi.MsiError as exc:
+            skipped.append({"file": chip.source, "reason": f"no MSI chip: {exc}"})
+    return out, skipped
+
+
+def _tile_chip(path: Path, skipped: list[dict]) -> Chip | None:
+    """A loaded tile Chip, or None with the reason appended to ``skipped`` (corrupt, no georeference, all nodata)."""
+    from aegir.store.rasters import named_tile_chip
+
+    try:
+        chip = named_tile_chip(str(path))
+    except (ValueError, OSError) as exc:
+        skipped.append({"file": str(path), "reason": str(exc)})
+        return None
+    if chip.valid is not None and not chip.valid.any():
+        skipped.append({"file": str(path), "reason": "every pixel is nodata"})
+        return None
+    return chip
+
+
+def default_dataset_name(images_dir: str | Path) -> str:
+    """The images folder's name, or its parent's when it is called ``images`` (``jiang_pv01/images`` → jiang_pv01)."""
+    folder = Path(images_dir).resolve()
+    return folder.parent.name if folder.name == "images" else folder.name
+
+
+def load_tile_chips(paths: list[Path], masks_by_stem: dict[str, Path], skipped: list[dict]
+                    ) -> tuple[list[Chip], dict[str, np.ndarray]]:
+    """(chips with ``sample_id``/``prompt_wkb`` extras, {stem: (H, W) uint8 mask}) of image tiles; unusable
+    tiles and masks are appended to ``skipped`` — the per-tile steps of ``build_dataset_from_images``."""
+    chips, masks = [], {}
+    for path in paths:
+        chip = _tile_chip(path, skipped)
+        if chip is None:
+            continue
+        if path.stem in masks_by_stem:
+            mask_path = masks_by_stem[path.stem]
+            try:
+                mask = image_files.read_mask(Path(mask_path))
+            except ValueError as exc:
+                skipped.append({"file": mask_path, "reason": str(exc)})
+                continue
+            if mask.shape != (chip.height, chip.width):
+                skipped.append({"file": mask_path,
+                                "reason": f"mask is {mask.shape}, image {path.name} is {(chip.height, chip.width)}"})
+                continue
+            masks[path.stem] = mask
+        extras = {**chip.extras, "sample_id": path.stem, "prompt_wkb": geo.chip_footprint_wkb(chip)}
+        chips.append(dataclasses.replace(chip, extras=extras))
+    return chips, masks
+
+
+def _location(settings: Settings, uri: str | None) -> str:
+    root, name = lance_io.resolve_table_location(uri, settings.lancedb_root)
+    return f"{root}/{name}"
+
+
+def build_dataset_from_images(
+    settings: Settings,
+    images_dir: str | Path,
+    masks_dir: str | Path | None = None,
+    uri: str | None = None,
+    dataset: str | None = None,
+    encoding: str = "raw",
+    msi_dir: str | None = None,
+    progress: Any = None,
+) -> BuildReport:
+    """One ``training_data`` row per image tile; masks matched by file stem (PV where > 0); prompt = tile footprint.
+
+    Tiles that cannot be used (unreadable, no georeference, all nodata, mask of another size) are skipped with the
+    reason; the rest of the build continues. Rows are keyed by uuid5(dataset:stem), so a rebuild upserts.
+    """
+    images = image_files.list_image_files(images_dir)
+    masks_by_stem = image_files.mask_files_by_stem(masks_dir)
+    dataset = dataset or default_dataset_name(images_dir)
+    table = lance_io.open_training_table(uri, settings.lancedb_root, s2_levels=settings.s2_levels,
+                                         h3_resolution=settings.h3_resolution)
+    params = {"images_dir": str(Path(images_dir).resolve()), "masks_dir": str(masks_dir) if masks_dir else None}
+    skipped: list[dict] = []
+    totals = [0, 0]
+    for start in range(0, len(images), BUILD_BATCH):
+        batch = images[start : start + BUILD_BATCH]
+        chips, masks = load_tile_chips(batch, masks_by_stem, skipped)
+        if progress:
+            progress(len(batch))
+        msi_chips, msi_skipped = msi_chips_for(chips, msi_dir)
+        skipped += msi_skipped
+        result = write_training_batch(table, chips, masks, msi_chips, dataset, encoding, "ground_truth", params)
+        totals = [totals[0] + result.inserted, totals[1] + result.updated]
+    return BuildReport(_location(settings, uri), totals[0], totals[1], table.version, skipped)
+
+
+def dataset_info(settings: Settings, uri: str | None = None) -> dict:
+    """Rows, versions, size, S2 coverage and class balance of a ``training_data`` table."""
+    table = lance_io.open_training_table(uri, settings.lancedb_root, create=False)
+    return lance_io.table_summary(table) | lance_io.class_balance(table)
+
+
+def _prompt_chips(prompts, images_dir: str | Path, chip_size: int, skipped: list[dict],
+                  progress: Any) -> tuple[list[Chip], dict[str, np.ndarray], set[int]]:
+    """(chips centred on the prompts whose centroid lies on a tile, {sample_id: mask burnt from every prompt
+    polygon touching the chip}, indexes of the prompts used); unusable tiles are appended to ``skipped``."""
+    import shapely
+
+    geometries = shapely.from_wkb(prompts["prompt_geometry"].to_numpy(zero_copy_only=False))
+    wkbs = prompts["prompt_geometry"].to_pylist()
+    tree = shapely.STRtree(geometries)
+    chips, masks, used = [], {}, set()
+    for path in image_files.list_image_files(images_dir):
+        tile = _tile_chip(path, skipped)
+        if progress:
+            progress(1)
+        if tile is None:
+            continue
+        footprint = shapely.from_wkb(geo.chip_footprint_wkb(tile))
+        for index in tree.query(footprint, predicate="intersects"):
+            if index in used or not footprint.contains(shapely.centroid(geometries[index])):
+                continue
+            used.add(int(index))
+            sample_id = prompts["uuid"][int(index)].as_py()
+            chip = geo.chip_centred_on(tile, shapely.centroid(geometries[index]), chip_size)
+            chip = dataclasses.replace(chip, extras={**chip.extras, "sample_id": sample_id, "uuid": sample_id,
+                                                     "prompt_wkb": wkbs[index], "tile": tile.source})
+            chip_area = shapely.from_wkb(geo.chip_footprint_wkb(chip))
+            touching = [wkbs[i] for i in tree.query(chip_area, predicate="intersects")]
+            mask = geo.burn_polygons(chip, touching)
+            if mask is not None:
+                masks[chip.extras["sample_id"]] = mask
+            chips.append(chip)
+    return chips, masks, used
+
+
+def build_dataset_from_lakehouse(
+    settings: Settings,
+    query: ducklake.LabelQuery,
+    images_dir: str | Path,
+    uri: str | None = None,
+    dataset: str | None = None,
+    chip_size: int = 256,
+    encoding: str = "raw",
+    msi_dir: str | None = None,
+    progress: Any = None,
+) -> BuildReport:
+    """One row per lakehouse prompt that falls on a tile in ``images_dir``: a chip centred on the prompt, the
+    ground-truth mask burnt from every polygon label of the query touching the chip (points: no mask yet, the Mask
+    Factory makes it). Prompts on no tile are reported as skipped. Rows are keyed by the prompt uuid.
+    """
+    prompts = build_prompts(settings, query)
+    table = lance_io.open_training_table(uri, settings.lancedb_root, s2_levels=settings.s2_levels,
+                                         h3_resolution=settings.h3_resolution)
+    skipped: list[dict] = []
+    chips, masks, used = _prompt_chips(prompts, images_dir, chip_size, skipped, progress)
+    skipped += [{"prompt": prompts["uuid"][i].as_py(), "reason": "no tile in the images folder covers its centroid"}
+                for i in range(prompts.num_rows) if i not in used]
+    datasets = sorted(set(prompts["dataset"].to_pylist())) or ["lakehouse"]
+    dataset = dataset or "+".join(datasets)
+    params = {"images_dir": str(Path(images_dir).resolve()), "query": repr(query), "chip_size": chip_size}
+    msi_chips, msi_skipped = msi_chips_for(chips, msi_dir)
+    result = write_training_batch(table, chips, masks, msi_chips, dataset, encoding, "lakehouse_labels", params)
+    return BuildReport(_location(settings, uri), result.inserted, result.updated, table.version,
+                       skipped + msi_skipped)

@@ -1,0 +1,55 @@
+"""The ``predicted_pv`` table: region-inference detections, one row per detection, keyed by (plan, cell).
+
+A cell's detections are replaced and its ledger entry marked done in one transaction, so a re-run never
+duplicates a cell and a killed run leaves the cell unfinished.
+"""
+
+from __future__ import annotations
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from aegir.config import Settings
+from aegir.store.ducklake.connection import add_missing_columns, qualified, table_exists, transaction_with
+from aegir.store.ducklake.plans import set_cell_status
+
+PREDICTED_PV_TABLE = "predicted_pv"
+
+
+def detection_centroids(con: duckdb.DuckDBPyConnection, settings: Settings) -> np.ndarray:
+    """(M, 2) float64 lon/lat (EPSG:4326) of the detections in ``predicted_pv`` (empty before the first run)."""
+    if not table_exists(con, settings, PREDICTED_PV_TABLE):
+        return np.empty((0, 2))
+    rows = con.execute(
+        f"SELECT centroid_lon, centroid_lat FROM {qualified(settings, PREDICTED_PV_TABLE)}"
+    ).fetchnumpy()
+    return np.column_stack([rows["centroid_lon"], rows["centroid_lat"]]).astype(np.float64)
+
+
+def replace_cell_predictions(
+    con: duckdb.DuckDBPyConnection, settings: Settings, plan_id: str, cell_token: str, rows: pa.Table
+) -> int:
+    """Replace the ``predicted_pv`` rows of one (plan, cell) with ``rows`` and mark the cell done, in ONE
+    transaction: a re-run never duplicates a cell's detections, and a killed run leaves the cell unfinished."""
+    target = qualified(settings, PREDICTED_PV_TABLE)
+    with transaction_with(con, "aegir_incoming_predictions", rows):
+        if not table_exists(con, settings, PREDICTED_PV_TABLE):
+            con.execute(f"CREATE TABLE {target} AS SELECT * FROM aegir_incoming_predictions")
+        else:
+            add_missing_columns(con, settings, PREDICTED_PV_TABLE, "aegir_incoming_predictions")
+            con.execute(f"DELETE FROM {target} WHERE plan_id = ? AND cell_token = ?", [plan_id, cell_token])
+            con.execute(f"INSERT INTO {target} BY NAME SELECT * FROM aegir_incoming_predictions")
+        set_cell_status(con, settings, plan_id, cell_token, "done", f"{rows.num_rows} detections")
+    return rows.num_rows
+
+
+def read_predictions(con: duckdb.DuckDBPyConnection, settings: Settings, plan_id: str) -> pa.Table:
+    """The ``predicted_pv`` rows of one plan, by cell and detection id (an empty table before any)."""
+    if not table_exists(con, settings, PREDICTED_PV_TABLE):
+        return pa.table({})
+    return con.execute(
+        f"SELECT * FROM {qualified(settings, PREDICTED_PV_TABLE)} WHERE plan_id = ? "
+        "ORDER BY cell_token, detection_id",
+        [plan_id],
+    ).to_arrow_table()

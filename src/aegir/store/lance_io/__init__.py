@@ -1,0 +1,65 @@
+"""LanceDB ``training_data`` table: one row per training sample (a PV prompt, its image chips and its mask).
+
+Modules: :mod:`.schema` (the schema for the configured S2 levels / H3 resolution, schema checks, the error),
+:mod:`.validate` (row checks before a write), :mod:`.table` (locations, open, upsert, indexes, versions),
+:mod:`.summary` (counts, class balance), :mod:`.filters` (``{field: value}`` → Lance SQL via
+:mod:`aegir.store.sql`). Chip bytes are encoded by :mod:`aegir.store.chip_codec`.
+"""
+
+from aegir.store.lance_io.filters import build_where_clause, filter_rows
+from aegir.store.lance_io.schema import (
+    CHIP_ENCODINGS,
+    DATA_STORAGE_VERSION,
+    DEFAULT_TABLE,
+    INDEX_COLUMNS,
+    METADATA_TYPE,
+    PROVENANCE_TYPE,
+    TRAINING_DATA_SCHEMA,
+    StoreError,
+    index_columns,
+    metadata_type,
+    schema_problems,
+    stored_h3_resolution,
+    stored_s2_levels,
+    training_data_schema,
+)
+from aegir.store.lance_io.summary import class_balance, table_summary
+from aegir.store.lance_io.table import (
+    UpsertResult,
+    ensure_scalar_indexes,
+    open_training_table,
+    read_version,
+    resolve_table_location,
+    table_versions,
+    upsert_training_rows,
+)
+from aegir.store.lance_io.validate import validate_rows
+
+__all__ = [
+    "CHIP_ENCODINGS",
+    "DATA_STORAGE_VERSION",
+    "DEFAULT_TABLE",
+    "INDEX_COLUMNS",
+    "METADATA_TYPE",
+    "PROVENANCE_TYPE",
+    "TRAINING_DATA_SCHEMA",
+    "StoreError",
+    "UpsertResult",
+    "build_where_clause",
+    "class_balance",
+    "ensure_scalar_indexes",
+    "filter_rows",
+    "index_columns",
+    "metadata_type",
+    "open_training_table",
+    "read_version",
+    "resolve_table_location",
+    "schema_problems",
+    "stored_h3_resolution",
+    "stored_s2_levels",
+    "table_summary",
+    "table_versions",
+    "training_data_schema",
+    "upsert_training_rows",
+    "validate_rows",
+]

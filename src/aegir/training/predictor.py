@@ -1,0 +1,125 @@
+"""The one tiled predictor: PV probabilities of an image of any size from overlapping model tiles, predicted in
+batches and blended without seams.
+
+An image is cut into tiles of ``tile_px``² pixels (an image smaller than ``tile_px`` along an axis is one tile
+of its own length there: the model pads as it needs) that overlap by at least ``overlap_px``; tiles go to the
+model ``batch_size`` at a time. Each tile's probabilities are weighted by a separable window that is 1 in the
+tile's core and falls smoothly (raised cosine) to ~0 over ``overlap_px`` at its edges, accumulated and divided by
+the summed weights. Pixels near a tile edge, where a CNN sees truncated context, therefore count little wherever
+a neighbouring tile sees them in its core, so tile borders leave no seams. Tile sides on the image border keep
+full weight (no other tile takes over there); an image that fits in one tile is predicted in one whole pass.
+
+Shapes: ``image`` (C, H, W) (uint8 RGB or float MSI, raw as the model takes it); probabilities (H, W) float32 in
+[0, 1]. A batch predictor maps (B, C, h, w) tiles to (B, h, w) probabilities. Pure numpy: no torch import.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+PredictTiles = Callable[[np.ndarray], np.ndarray]  # (B, C, h, w) tiles -> (B, h, w) probabilities
+DEFAULT_TILE_PX, DEFAULT_OVERLAP_PX, DEFAULT_BATCH_SIZE = 1024, 128, 4  # a trained model's own tiling
+
+
+def tile_predictor(model: Any) -> PredictTiles:
+    """The batch predictor of ``model``: its ``predict_batch``, else its ``predict_proba`` ((C, h, w) → (h, w))
+    tile by tile, else ``model`` itself when it is a plain callable."""
+    if hasattr(model, "predict_batch"):
+        return model.predict_batch
+    if hasattr(model, "predict_proba"):
+        return lambda tiles: np.stack([model.predict_proba(tile) for tile in tiles])
+    if callable(model):
+        return model
+    raise TypeError(f"{type(model).__name__} is neither a batch predictor nor has predict_batch / predict_proba")
+
+
+def _starts(length: int, tile: int, stride: int) -> list[int]:
+    """Tile starts along one axis covering ``length`` px, the last tile flush with the end."""
+    if length <= tile:
+        return [0]
+    return list(range(0, length - tile, stride)) + [length - tile]
+
+
+def _tile_shape(image_shape: tuple[int, ...], tile_px: int) -> tuple[int, int]:
+    """(h, w) of every tile: ``tile_px`` clamped to the image's height and width."""
+    return min(tile_px, image_shape[-2]), min(tile_px, image_shape[-1])
+
+
+def _tile_origins(image_shape: tuple[int, ...], tile_px: int, overlap_px: int) -> list[tuple[int, int]]:
+    """(row, col) of every tile's top-left pixel; neighbouring tiles overlap by at least ``overlap_px``."""
+    if not 0 <= overlap_px < tile_px:
+        raise ValueError(f"overlap_px must lie in [0, tile_px), got {overlap_px} for tile_px {tile_px}")
+    (height, width), (tile_h, tile_w) = image_shape[-2:], _tile_shape(image_shape, tile_px)
+    stride = tile_px - overlap_px
+    return [(r, c) for r in _starts(height, tile_h, stride) for c in _starts(width, tile_w, stride)]
+
+
+def _axis_weights(start: int, tile: int, length: int, overlap_px: int) -> np.ndarray:
+    """(tile,) weights along one axis: raised-cosine rise over ``overlap_px`` px at each end, 1 in between,
+    never exactly 0; the half of the tile on an image border keeps weight 1."""
+    weights = np.ones(tile, dtype=np.float64)
+    if tile >= length:
+        return weights
+    if overlap_px:
+        rise = 0.5 - 0.5 * np.cos(np.pi * (np.arange(overlap_px) + 0.5) / overlap_px)
+        weights[:overlap_px], weights[-overlap_px:] = rise, rise[::-1]
+    weights = np.maximum(weights, 1e-6)
+    if start == 0:
+        weights[: tile // 2] = 1.0
+    if start + tile >= length:
+        weights[tile // 2 :] = 1.0
+    return weights
+
+
+def _tile_weights(origin: tuple[int, int], tile_shape: tuple[int, int], image_shape: tuple[int, ...],
+                  overlap_px: int) -> np.ndarray:
+    """(h, w) blending weights of the tile at ``origin``."""
+    rows = _axis_weights(origin[0], tile_shape[0], image_shape[-2], overlap_px)
+    cols = _axis_weights(origin[1], tile_shape[1], image_shape[-1], overlap_px)
+    return np.outer(rows, cols)
+
+
+def _batches(origins: list[tuple[int, int]], batch_size: int) -> Iterator[list[tuple[int, int]]]:
+    size = max(1, batch_size)
+    for start in range(0, len(origins), size):
+        yield origins[start : start + size]
+
+
+def blended_probabilities(
+    image: np.ndarray,
+    predict: PredictTiles | Any,
+    tile_px: int = DEFAULT_TILE_PX,
+    overlap_px: int = DEFAULT_OVERLAP_PX,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    valid: np.ndarray | None = None,
+) -> np.ndarray:
+    """(H, W) float32 PV probabilities of ``image`` (C, H, W) from overlapping tiles, blended without seams.
+
+    ``predict``: a batch predictor or a model (see :func:`tile_predictor`). ``valid`` ((H, W) bool, optional):
+    tiles without a single valid pixel are not predicted and pixels outside ``valid`` get probability 0 (every
+    valid pixel lies only in predicted tiles, so its blend is unchanged)."""
+    predict_tiles = tile_predictor(predict)
+    shape, tile = image.shape, _tile_shape(image.shape, tile_px)
+    origins = _tile_origins(shape, tile_px, overlap_px)
+    weights = {origin: _tile_weights(origin, tile, shape, overlap_px) for origin in origins}
+    total = np.zeros(shape[-2:], dtype=np.float64)
+    weight_sum = np.zeros_like(total)
+    for (row, col), weight in weights.items():
+        weight_sum[row : row + tile[0], col : col + tile[1]] += weight
+    if valid is not None:
+        valid = np.asarray(valid, bool)
+        origins = [(r, c) for r, c in origins if valid[r : r + tile[0], c : c + tile[1]].any()]
+    for group in _batches(origins, batch_size):
+        tiles = np.stack([image[:, r : r + tile[0], c : c + tile[1]] for r, c in group])
+        probabilities = np.asarray(predict_tiles(tiles), dtype=np.float64)
+        if probabilities.shape != (len(group), *tile):
+            raise ValueError(f"the model returned {probabilities.shape} for tiles {tiles.shape}, "
+                             f"expected {(len(group), *tile)}")
+        for (row, col), tile_probability in zip(group, probabilities):
+            total[row : row + tile[0], col : col + tile[1]] += weights[(row, col)] * tile_probability
+    blended = (total / weight_sum).astype(np.float32)
+    return blended if valid is None else np.where(valid, blended, np.float32(0))
+
