@@ -167,7 +167,7 @@ RESULTS["filters"] = {"by_dataset": by_dataset, "busiest_l13": busiest, "rows_in
 # %%
 by_source = frame({})["mask_source"].fillna("none (no mask)").value_counts()
 display(by_source.to_frame("rows"))
-generated = lance_io.filter_rows(table, {"provenance.backend": "mask_factory:offline"},
+generated = lance_io.filter_rows(table, {"provenance.backend": "offline"},
                                  columns=["sample_id", "mask_source", "provenance"]).to_pandas()
 generated = generated.rename(columns=lambda c: c.split(".")[-1])
 generated["backend_version"] = generated["provenance"].map(lambda p: p["backend_version"])

@@ -76,6 +76,7 @@ def test_jiang_rows_hold_the_tiles_masks_and_correct_metadata(jiang_build):
         assert np.array_equal(_decode(row, "generated_mask", "mask"), truth)
         assert meta["pv_fraction"] == pytest.approx(truth.mean(), abs=1e-6)
         assert meta["mask_source"] == "ground_truth" and meta["gsd_m"] == pytest.approx(0.1, rel=1e-3)
+        assert meta["provenance"]["backend"] is None  # ground truth: no Mask Factory backend drew it
         name_lat, name_lon = int(stem.split("_")[1]) / 1e4, int(stem.split("_")[2]) / 1e4
         assert abs(meta["centroid_lat"] - name_lat) < 1e-6 and abs(meta["centroid_lon"] - name_lon) < 1e-6
         for level in (10, 13, 17):

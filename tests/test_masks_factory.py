@@ -302,7 +302,7 @@ def test_generated_masks_upsert_into_training_data_as_a_new_version(jiang_prompt
     row = rows["PV01_324942_1203839"]
     assert row["metadata"]["mask_source"] == "mask_factory:offline"
     provenance = row["metadata"]["provenance"]
-    assert provenance["backend"] == "mask_factory:offline" and "grabcut" in provenance["params_json"].lower()
+    assert provenance["backend"] == "offline" and "grabcut" in provenance["params_json"].lower()
     stored = np.frombuffer(row["generated_mask"], np.uint8).reshape(256, 256) > 0
     assert np.array_equal(stored, read_mask(tmp_path / "pred" / "PV01_324942_1203839.png") > 0)
     earlier = lance_io.read_version(table, before).to_pylist()  # the ground-truth masks are still there

@@ -132,7 +132,7 @@ def training_rows(
             **msi_meta,
             **mask_meta,
             "provenance": {
-                "backend": mask_meta["mask_source"],
+                "backend": provenance_params.get("backend") if mask_bytes is not None else None,
                 "backend_version": provenance_params.get("backend_version"),
                 "params_json": json.dumps({**provenance_params, **chip.extras.get("provenance", {}),
                                            "georeferenced": chip.georeferenced}, sort_keys=True),

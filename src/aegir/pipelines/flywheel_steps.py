@@ -277,12 +277,13 @@ def step_backfill(context: RoundContext) -> dict:
     result = run_stage("backfill", ["accepted_chips", "refined_masks", "hard_negative_chips", "hard_negative_masks"],
                        inputs)
     table = training_table(context)
-    params = {"round": context.round_index, "model_checkpoint": checkpoint, "backend_version": backend.version}
     written = {"backfilled": 0, "hard_negatives": 0}
     for key, chips, masks, source in (("backfilled", result["accepted_chips"], result["refined_masks"], "flywheel:model"),
                                       ("hard_negatives", result["hard_negative_chips"], result["hard_negative_masks"],
                                        "hard_negative")):
-        if chips:
+        if chips:  # hard negatives are empty masks from rejected detections: no backend drew them
+            params = {"round": context.round_index, "model_checkpoint": checkpoint,
+                      "backend": backend.name if key == "backfilled" else None, "backend_version": backend.version}
             write_training_batch(table, chips, masks, {}, BACKFILL_DATASET, "raw", source, params)
             written[key] = len(chips)
     table = training_table(context)

@@ -178,7 +178,8 @@ def upsert_generated_masks(settings: Settings, items: list, mask_backend: Any, u
         chips.append(dataclasses.replace(chip, extras={**chip.extras, "sample_id": stem,
                                                        "prompt_wkb": shapely.to_wkb(prompt)}))
         masks[stem] = mask
-    params = {"backend_params": mask_backend.params, "backend_version": mask_backend.version}
+    params = {"backend": mask_backend.name, "backend_params": mask_backend.params,
+              "backend_version": mask_backend.version}
     result = write_training_batch(table, chips, masks, {}, dataset, "raw", f"mask_factory:{mask_backend.name}",
                                   params)
     return {"inserted": result.inserted, "updated": result.updated, "version": result.version, "rows": len(chips)}

@@ -114,7 +114,7 @@ function card(chip) {
   const meta = document.createElement("span");
   meta.className = "meta";
   meta.textContent = `${chip.dataset} · ${chip.provenance}`;
-  meta.title = `dataset ${chip.dataset}\nprovenance (mask source) ${chip.provenance}\nbackend ${chip.backend}`;
+  meta.title = `dataset ${chip.dataset}\nprovenance (mask source) ${chip.provenance}\nbackend ${chip.backend ?? "-"}`;
   const date = document.createElement("span");
   date.className = "meta";
   const pv = chip.pv_fraction === null ? "no mask" : `PV ${(100 * chip.pv_fraction).toFixed(1)} %`;
