@@ -3,9 +3,11 @@ per-round table, new Lance versions per round, backfill provenance, and resume w
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
@@ -48,10 +50,6 @@ def test_two_rounds_write_the_per_round_table(flywheel_run):
     # round 2 trains on what round 1 backfilled: a later Lance version with more rows
     assert second["data_version"] == first["version_after_backfill"] > first["data_version"]
     assert second["rows"] == 60 + first["backfilled"] + first["hard_negatives"] + first["mined_added"]
-    import csv
-
-    import pyarrow.parquet as pq
-
     assert second["val_iou"] > 0.02  # measured 0.060 (round 1: 0.069) after 1 epoch of 2 batches
     with (root / "out" / "round_2" / "train" / "logs" / "csv" / "metrics.csv").open() as handle:
         logged = [float(r["val/iou"]) for r in csv.DictReader(handle) if r["val/iou"]]
@@ -110,7 +108,6 @@ def test_backfilled_rows_carry_round_and_source_detection(flywheel_run):
     assert {r["metadata"]["mask_source"] for r in rows} == {"flywheel:model", "hard_negative"}  # both kinds checked
     decisions = {}
     for k in (1, 2):
-        import pyarrow.parquet as pq
 
         for d in pq.read_table(root / "out" / f"round_{k}" / "validation.parquet").to_pylist():
             decisions[d["detection_id"]] = d["decision"]
@@ -124,7 +121,6 @@ def test_backfilled_rows_carry_round_and_source_detection(flywheel_run):
 
 
 def test_mined_negatives_in_training_data_carry_their_provenance(flywheel_run):
-    import pyarrow.parquet as pq
 
     settings, root, _, table, _ = flywheel_run
     lance_table = lance_io.open_training_table(str(Path(settings.lancedb_root) / "training_data"),
