@@ -31,7 +31,7 @@ def test_config_file_from_environment(tmp_path: Path):
 
 @pytest.mark.parametrize(
     "text, message",
-    [("lancedb_rot = 'x'", "unknown setting 'lancedb_rot'"), ("s2_levels = [40]", "0..30"), ("= broken", "not valid TOML")],
+    [("lancedb_rot = 'x'", "unknown setting 'lancedb_rot'"), ("s2_levels = [40]", "0..30"), ("s2_levels = []", "at least one level"), ("= broken", "not valid TOML")],
 )
 def test_bad_config_names_file_and_problem(tmp_path: Path, text: str, message: str):
     config = tmp_path / "bad.toml"

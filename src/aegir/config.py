@@ -91,6 +91,8 @@ def _s2_levels(value: Any, source: str) -> tuple[int, ...]:
         out = tuple(int(v) for v in levels)
     except ValueError as exc:
         raise ConfigError(f"{source}: s2_levels must be integers, got {value!r}") from exc
+    if not out:
+        raise ConfigError(f"{source}: s2_levels must name at least one level, got {value!r}")
     if not all(0 <= lvl <= 30 for lvl in out):
         raise ConfigError(f"{source}: s2_levels must lie in 0..30, got {value!r}")
     return out

@@ -197,7 +197,7 @@ def label_rows(
     doi: str | None = None,
 ) -> pa.Table:
     """The ``raw_<dataset>`` rows: source columns kept + the derived schema columns (``s2_token_l<level>`` per
-    ``Settings.s2_levels``, ``h3_<resolution>``). One row per accepted row."""
+    ``store.ducklake.LABEL_S2_LEVELS``, ``h3_<resolution>``). One row per accepted row."""
     count = int(accepted_mask.sum())
     table = _arrow_attributes(source_attributes[accepted_mask].reset_index(drop=True))
     derived = {

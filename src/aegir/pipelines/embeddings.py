@@ -282,7 +282,7 @@ def region_label_geometries(settings: Settings, bounds: tuple[float, float, floa
         labels = ducklake.query_labels(con, settings, ducklake.LabelQuery(bbox=tuple(bounds)))
     finally:
         con.close()
-    return list(shapely.from_wkt(labels["geometry_wkt"].to_pylist())) if labels.num_rows else []
+    return list(shapely.from_wkb(labels["geometry_wkb"].to_pylist())) if labels.num_rows else []
 
 
 @dataclass(frozen=True)

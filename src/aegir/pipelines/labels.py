@@ -45,8 +45,8 @@ def import_labels(
         {
             "label_source": source,
             "dataset_name": dataset,
-            "s2_levels": settings.s2_levels,
-            "h3_resolution": settings.h3_resolution,
+            "s2_levels": ducklake.LABEL_S2_LEVELS,  # the label tables' fixed cell columns
+            "h3_resolution": ducklake.LABEL_H3_RESOLUTION,
             "imported_at": dt.datetime.now(dt.timezone.utc),
             "doi": doi,
         },

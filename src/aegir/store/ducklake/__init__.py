@@ -25,6 +25,8 @@ from aegir.store.ducklake.connection import (
 )
 from aegir.store.ducklake.labels import (
     LABEL_COLUMNS,
+    LABEL_H3_RESOLUTION,
+    LABEL_S2_LEVELS,
     LABEL_TABLE_PREFIX,
     QUARANTINE_TABLE,
     ImportCommit,
@@ -58,6 +60,8 @@ __all__ = [
     "ExtensionMissingError",
     "ImportCommit",
     "LABEL_COLUMNS",
+    "LABEL_H3_RESOLUTION",
+    "LABEL_S2_LEVELS",
     "LABEL_TABLE_PREFIX",
     "LabelQuery",
     "PLAN_RANKING_COLUMNS",

@@ -19,9 +19,13 @@ from aegir.store.errors import StoreError
 
 QUARANTINE_TABLE = "quarantine"
 LABEL_TABLE_PREFIX = "raw_"
+# The raw_<dataset> schema fixes its cell columns (label queries and prompts read them by name): every label
+# table carries S2 tokens at these levels and H3 cells at this resolution, whatever Settings says for chips.
+LABEL_S2_LEVELS = (10, 13, 17)
+LABEL_H3_RESOLUTION = 12
 LABEL_COLUMNS = (
     "row_hash, dataset_name, source_file, source_row, geometry_wkb, area_m2, centroid_lat, centroid_lon, "
-    "s2_token_l10, s2_token_l13, s2_token_l17, h3_12, label_date"
+    + ", ".join(f"s2_token_l{level}" for level in LABEL_S2_LEVELS) + f", h3_{LABEL_H3_RESOLUTION}, label_date"
 )
 
 
@@ -159,7 +163,7 @@ def _label_filters(query: LabelQuery) -> tuple[str, list]:
         clauses.append("ST_Intersects(ST_GeomFromWKB(geometry_wkb), ST_MakeEnvelope(?, ?, ?, ?))")
         params += [min_lon, min_lat, max_lon, max_lat]
     if query.s2_cell:
-        clauses.append(sql.s2_cell_condition("s2_token_l17", query.s2_cell))
+        clauses.append(sql.s2_cell_condition(f"s2_token_l{max(LABEL_S2_LEVELS)}", query.s2_cell))
     if query.date_from:
         clauses.append("label_date >= CAST(? AS DATE)")
         params.append(query.date_from)
