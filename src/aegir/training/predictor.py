@@ -104,11 +104,10 @@ def blended_probabilities(
     predict_tiles = tile_predictor(predict)
     shape, tile = image.shape, _tile_shape(image.shape, tile_px)
     origins = _tile_origins(shape, tile_px, overlap_px)
-    weights = {origin: _tile_weights(origin, tile, shape, overlap_px) for origin in origins}
     total = np.zeros(shape[-2:], dtype=np.float64)
     weight_sum = np.zeros_like(total)
-    for (row, col), weight in weights.items():
-        weight_sum[row : row + tile[0], col : col + tile[1]] += weight
+    for row, col in origins:  # every tile's weight counts, predicted or not (see ``valid``)
+        weight_sum[row : row + tile[0], col : col + tile[1]] += _tile_weights((row, col), tile, shape, overlap_px)
     if valid is not None:
         valid = np.asarray(valid, bool)
         origins = [(r, c) for r, c in origins if valid[r : r + tile[0], c : c + tile[1]].any()]
@@ -119,7 +118,8 @@ def blended_probabilities(
             raise ValueError(f"the model returned {probabilities.shape} for tiles {tiles.shape}, "
                              f"expected {(len(group), *tile)}")
         for (row, col), tile_probability in zip(group, probabilities):
-            total[row : row + tile[0], col : col + tile[1]] += weights[(row, col)] * tile_probability
+            weight = _tile_weights((row, col), tile, shape, overlap_px)  # built per tile: memory stays O(image)
+            total[row : row + tile[0], col : col + tile[1]] += weight * tile_probability
     blended = (total / weight_sum).astype(np.float32)
     return blended if valid is None else np.where(valid, blended, np.float32(0))
 
