@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 SHARED_DATA ?= ../shared/data
+JIANG := $(SHARED_DATA)/vhr/jiang_pv01
+NREL := $(SHARED_DATA)/vhr/nrel_panel_segmentation
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -23,8 +25,21 @@ run: install
 	$(BIN)/aegir labels import-samples
 	$(BIN)/aegir labels list
 	$(BIN)/aegir prompts export --dataset ornl_boston --dataset ornl_dc --out data/prompts/ornl_rooftops.parquet
-	$(BIN)/aegir dataset build --images $(SHARED_DATA)/vhr/jiang_pv01/images --masks $(SHARED_DATA)/vhr/jiang_pv01/masks
+	# Jiang PV01 ground truth as the label sets teams really have: panel polygons, one box / one point per array
+	$(BIN)/aegir labels from-masks --images $(JIANG)/images --masks $(JIANG)/masks --out data/labels/jiang_pv01 --name jiang_pv01
+	$(BIN)/aegir labels import data/labels/jiang_pv01/jiang_pv01_polygons.geojson --dataset jiang_pv01_polygons
+	$(BIN)/aegir labels import data/labels/jiang_pv01/jiang_pv01_boxes.geojson --dataset jiang_pv01_boxes
+	$(BIN)/aegir labels import data/labels/jiang_pv01/jiang_pv01_points.geojson --dataset jiang_pv01_points
+	# the imagery catalog: Jiang (with its pixel truth), the Austin tiles, the NREL tiles (no georeference: pixel grid)
+	$(BIN)/aegir imagery register $(JIANG)/images --dataset jiang_pv01 --truth-masks $(JIANG)/masks
+	$(BIN)/aegir imagery register $(NREL)/sol-searcher_data_examples --dataset austin
+	$(BIN)/aegir imagery register $(NREL)/sample_data_set/images --dataset nrel --allow-pixel-grid
+	$(BIN)/aegir imagery list --dataset nrel
+	$(BIN)/aegir prompts export --with-imagery --dataset jiang_pv01_polygons --out data/prompts/jiang_pv01_polygons_on_imagery.parquet
+	# training_data from the lakehouse: polygon labels → offline Mask Factory masks, truth kept beside, lineage per row
+	$(BIN)/aegir dataset build --from-lakehouse --dataset jiang_pv01_polygons --imagery jiang_pv01 --whole-images --backend offline
 	$(BIN)/aegir dataset info
+	$(BIN)/aegir dataset export-masks --out data/exported_masks/jiang_pv01_polygons
 	$(BIN)/aegir flywheel --rounds 2 --out data/flywheel
 
 # Debian's chromium + chromium-driver drive the `aegir browse` end-to-end test (installed with apt when run as root).
@@ -43,4 +58,4 @@ bench: install
 	$(BIN)/python bench/loader.py
 
 clean-data:
-	rm -rf data/ducklake data/lancedb data/prompts
+	rm -rf data/ducklake data/lancedb data/prompts data/labels data/exported_masks

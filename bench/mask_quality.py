@@ -10,7 +10,13 @@ Backends whose weights are not on this machine are reported as unavailable with 
 Then the offline backend runs on the NREL sample tiles with their real box annotations, and quicklook PNGs (image |
 prompts | mask overlay) go to ``--quicklooks`` (default ./data/quicklooks/nrel).
 
+Then (alone with ``--jitter-only``) the offline backend's robustness to imperfect prompts, in-process: mean IoU vs
+box-edge jitter 0..5 px (each edge moved by a uniform random integer in -j..j, fixed seed), boxes whose far edges
+sit 1 / 2 px inside the array, one point per array (its centroid if inside it, else its deepest pixel), and the
+array's own mask as a polygon prior with a jitter-3 box; goals: jitter-3 loss <= 0.03, points >= 0.75.
+
     python bench/mask_quality.py [--shared ../shared/data] [--backends offline,sam,sam-hq,sam2,model]
+    python bench/mask_quality.py --jitter-only
 """
 
 from __future__ import annotations
@@ -104,6 +110,86 @@ def quicklooks(images: Path, annotations: Path, out: Path, dest: Path) -> list[P
     return written
 
 
+def _jittered(boxes: list, j: int, rng: np.random.Generator, size: int = 256) -> list:
+    """Each edge of each (xmin, ymin, xmax, ymax) box moved by a uniform integer in -j..j, kept >= 1 px and on the
+    image."""
+    out = []
+    for x0, y0, x1, y1 in boxes:
+        d = rng.integers(-j, j + 1, 4)
+        a, b = min(max(x0 - d[0], 0), size - 1), min(max(y0 - d[1], 0), size - 1)
+        out.append((a, b, max(min(x1 + d[2], size), a + 1), max(min(y1 + d[3], size), b + 1)))
+    return out
+
+
+def _array_points(truth: np.ndarray) -> list:
+    """One (x, y) point per 8-connected array: its centroid's pixel if inside it, else its deepest pixel."""
+    from scipy import ndimage as ndi
+
+    from aegir.utils.components import mask_component_labels
+
+    labels, count = mask_component_labels(truth)
+    points = []
+    for k in range(1, count + 1):
+        component = labels == k
+        row, col = (int(v) for v in ndi.center_of_mass(component))
+        if not component[row, col]:
+            row, col = np.unravel_index(np.argmax(ndi.distance_transform_edt(component)), component.shape)
+        points.append((col + 0.5, row + 0.5))
+    return points
+
+
+def jitter_report(jiang: Path, seed: int = 0) -> dict:
+    """Mean IoU of the offline backend on the Jiang tiles with PV (held out / tuning / all) per prompt kind."""
+    from aegir.masks.offline import OfflineGrabCutBackend
+    from aegir.masks.prompts import pixel_prompts
+    from aegir.store.mask_files import read_image_chip
+    from aegir.utils.components import mask_component_boxes, mask_component_labels
+
+    backend = OfflineGrabCutBackend()
+    tiles = []
+    for index, path in enumerate(list_image_files(jiang / "images")):
+        truth = read_mask(jiang / "masks" / path.name) > 0
+        if truth.any():
+            chip = read_image_chip(path)
+            tiles.append((index % 4 == 0, np.ascontiguousarray(np.moveaxis(chip.rgb8(), 0, -1)), truth))
+    cases = [f"jitter {j}" for j in range(6)] + ["shrink 1", "shrink 2", "points", "prior + jitter 3"]
+    report: dict = {}
+    for case in cases:
+        rng = np.random.default_rng(seed)
+        scores: dict[bool, list] = {True: [], False: []}
+        for held, rgb, truth in tiles:
+            boxes = mask_component_boxes(truth)
+            if case.startswith("jitter"):
+                prompts = pixel_prompts(256, 256, boxes=_jittered(boxes, int(case.split()[1]), rng))
+            elif case.startswith("shrink"):
+                k = int(case.split()[1])
+                prompts = pixel_prompts(256, 256, boxes=[(a, b, max(c - k, a + 1), max(d - k, b + 1))
+                                                         for a, b, c, d in boxes])
+            elif case == "points":
+                prompts = pixel_prompts(256, 256, points=_array_points(truth))
+            else:
+                labels, count = mask_component_labels(truth)
+                prompts = pixel_prompts(256, 256, boxes=_jittered(boxes, 3, rng),
+                                        priors=[labels == k for k in range(1, count + 1)])
+            union = backend.segment(rgb, prompts).union
+            scores[held].append(float((union & truth).sum() / (union | truth).sum()))
+        report[case] = {"heldout": round(float(np.mean(scores[True])), 4),
+                        "tuning": round(float(np.mean(scores[False])), 4),
+                        "all": round(float(np.mean(scores[True] + scores[False])), 4)}
+    return report
+
+
+def print_jitter_report(report: dict) -> None:
+    print(f"{'prompts':<18}{'held-out':>10}{'tuning':>10}{'all':>10}")
+    for case, row in report.items():
+        print(f"{case:<18}{row['heldout']:>10.4f}{row['tuning']:>10.4f}{row['all']:>10.4f}")
+    for part in ("heldout", "all"):
+        loss = report["jitter 0"][part] - report["jitter 3"][part]
+        points = report["points"][part]
+        print(f"[{part}] jitter-3 loss {loss:.4f} (goal <= 0.03: {'PASS' if loss <= 0.03 else 'FAIL'}); "
+              f"points {points:.4f} (goal >= 0.75: {'PASS' if points >= 0.75 else 'FAIL'})")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shared", type=Path, default=HERE.parent.parent / "shared" / "data")
@@ -112,8 +198,12 @@ def main() -> int:
     parser.add_argument("--model-checkpoint", default=None,
                         help="`aegir train` checkpoint for the model backend (e.g. from bench/train_quality.py)")
     parser.add_argument("--quicklooks", type=Path, default=Path("data") / "quicklooks" / "nrel")
+    parser.add_argument("--jitter-only", action="store_true", help="only the offline prompt-robustness table")
     args = parser.parse_args()
     jiang = args.shared / "vhr" / "jiang_pv01"
+    if args.jitter_only:
+        print_jitter_report(jitter_report(jiang))
+        return 0
     nrel = args.shared / "vhr" / "nrel_panel_segmentation" / "sample_data_set"
     stems = [p.stem for p in list_image_files(jiang / "images")]
     nonempty = {p.stem for p in list_image_files(jiang / "masks") if read_mask(p).any()}
@@ -150,7 +240,9 @@ def main() -> int:
         report["nrel_offline"] = {"images": len(run.written), "prompts": run.prompts_used,
                                   "seconds": round(time.perf_counter() - start, 2),
                                   "skipped": run.skipped, "quicklooks": str(args.quicklooks), "files": len(looks)}
+    report["offline_prompt_robustness"] = jitter_report(jiang)
     print(json.dumps(report, indent=1))
+    print_jitter_report(report["offline_prompt_robustness"])
     for name, summary in report["backends"].items():
         if summary.get("mean_iou_all") is not None:
             goal = "met" if summary["mean_iou_all"] >= 0.85 else "NOT met"

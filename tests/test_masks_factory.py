@@ -305,5 +305,65 @@ def test_generated_masks_upsert_into_training_data_as_a_new_version(jiang_prompt
     assert provenance["backend"] == "offline" and "grabcut" in provenance["params_json"].lower()
     stored = np.frombuffer(row["generated_mask"], np.uint8).reshape(256, 256) > 0
     assert np.array_equal(stored, read_mask(tmp_path / "pred" / "PV01_324942_1203839.png") > 0)
-    earlier = lance_io.read_version(table, before).to_pylist()  # the ground-truth masks are still there
+    truth = np.frombuffer(row["truth_mask"], np.uint8).reshape(256, 256) > 0  # ground truth kept beside it
+    assert np.array_equal(truth, read_mask(JIANG / "masks" / "PV01_324942_1203839.bmp") > 0)
+    assert sum(r["truth_mask"] is not None for r in rows.values()) == 60
+    earlier = lance_io.read_version(table, before).to_pylist()
     assert {r["metadata"]["mask_source"] for r in earlier} == {"ground_truth"}
+
+
+ROBUST_TILES = ("PV01_324942_1203842", "PV01_324972_1203801", "PV01_325122_1203834")
+
+
+def _jiang_tile(stem: str) -> tuple[np.ndarray, np.ndarray]:
+    rgb = image_rgb(read_image_chip(JIANG / "images" / f"{stem}.bmp"))
+    return rgb, read_mask(JIANG / "masks" / f"{stem}.bmp") > 0
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+def test_offline_backend_survives_jittered_and_too_tight_boxes_on_jiang():
+    backend = get_backend("offline")
+    rng = np.random.default_rng(0)
+    exact, jittered, tight = [], [], []
+    for stem in ROBUST_TILES:
+        rgb, truth = _jiang_tile(stem)
+        boxes = np.array(component_boxes(truth))
+        moved = np.clip(boxes + rng.integers(-3, 4, boxes.shape) * np.array([-1, -1, 1, 1]), 0, 256)
+        shrunk = boxes - np.array([0, 0, 2, 2])  # far edges 2 px inside the array
+        exact.append(_iou(backend.segment(rgb, pixel_prompts(256, 256, boxes=boxes)).union, truth))
+        jittered.append(_iou(backend.segment(rgb, pixel_prompts(256, 256, boxes=moved)).union, truth))
+        tight.append(_iou(backend.segment(rgb, pixel_prompts(256, 256, boxes=shrunk)).union, truth))
+    assert np.mean(exact) >= 0.9, exact
+    assert np.mean(jittered) >= np.mean(exact) - 0.05, (exact, jittered)
+    assert np.mean(tight) >= np.mean(exact) - 0.05, (exact, tight)  # the mask may extend beyond a too-tight box
+
+
+def test_offline_point_prompt_finds_the_array_under_it():
+    rgb, truth = _jiang_tile("PV01_324956_1203803")
+    labels, count = ndi.label(truth, structure=np.ones((3, 3)))
+    biggest = 1 + int(np.argmax(ndi.sum(truth, labels, np.arange(1, count + 1))))
+    component = labels == biggest
+    row, col = np.unravel_index(np.argmax(ndi.distance_transform_edt(component)), component.shape)
+    result = get_backend("offline").segment(rgb, pixel_prompts(256, 256, points=[(col + 0.5, row + 0.5)]))
+    assert _iou(result.masks[0], component) >= 0.75  # (points vary a lot per array: see bench/mask_quality.py)
+
+
+def test_offline_prior_is_evidence_not_the_answer():
+    rgb, truth = _jiang_tile("PV01_325122_1203834")
+    labels, count = ndi.label(truth, structure=np.ones((3, 3)))
+    component = labels == 1 + int(np.argmax(ndi.sum(truth, labels, np.arange(1, count + 1))))
+    prior = ndi.binary_dilation(component, iterations=12)  # a sloppy polygon: the array plus ~12 px of roof/ground
+    extra = prior & ~truth
+    rows, cols = np.flatnonzero(prior.any(axis=1)), np.flatnonzero(prior.any(axis=0))
+    box = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
+    prompts = pixel_prompts(256, 256, boxes=[box], priors=[prior])
+    assert prompts.prior(0) is not None and pixel_prompts(256, 256, boxes=[box]).priors is None
+    mask = get_backend("offline").segment(rgb, prompts).masks[0]
+    assert not np.array_equal(mask, prior)
+    assert (mask & extra).sum() < 0.25 * extra.sum()  # the non-PV part of the prior is mostly left out
+    assert _iou(mask, component) >= 0.8
+    with pytest.raises(PromptError):
+        pixel_prompts(256, 256, boxes=[box], priors=[prior[:10]])

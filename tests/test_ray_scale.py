@@ -79,7 +79,8 @@ def test_ray_build_reports_unreadable_tiles_and_keeps_the_rest(ray_local, tmp_pa
     report = ray_scale.build_dataset_ray(settings, images, None, None, "broken", num_blocks=2)
     assert (report.inserted, report.updated) == (3, 0)
     assert [Path(item["file"]).name for item in report.skipped] == ["PV01_1_2.bmp"]
-    assert lance_io.open_training_table(None, settings.lancedb_root).count_rows("generated_mask IS NULL") == 3
+    assert lance_io.open_training_table(None, settings.lancedb_root).count_rows(
+        "generated_mask IS NULL AND truth_mask IS NULL") == 3
 
 
 def test_cli_build_ray_rerun_replaces_rows_in_one_commit(builds):

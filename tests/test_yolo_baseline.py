@@ -79,7 +79,7 @@ def test_images_are_the_chips_and_polygons_rasterise_back_to_the_masks(jiang_exp
         row = rows[label.stem]
         meta = row["metadata"]
         chip = decode_chip(row["vhr_image_chip"], meta["vhr_encoding"], meta["vhr_shape"], meta["vhr_dtype"])
-        mask = decode_chip(row["generated_mask"], meta["mask_encoding"], meta["mask_shape"], "uint8") > 0
+        mask = decode_chip(row["truth_mask"] or row["generated_mask"], meta["mask_encoding"], meta["mask_shape"], "uint8") > 0
         png = cv2.imread(str(out / "images" / label.parent.name / f"{label.stem}.png"), cv2.IMREAD_COLOR)
         assert np.array_equal(png[..., ::-1], np.moveaxis(chip, 0, -1))
         lines = label.read_text().splitlines()

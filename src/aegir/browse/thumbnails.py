@@ -34,9 +34,10 @@ def _rgb(row: dict[str, Any]) -> np.ndarray:
 
 def _mask(row: dict[str, Any], size: tuple[int, int]) -> np.ndarray | None:
     meta = row["metadata"]
-    if row["generated_mask"] is None:
+    stored = row.get("truth_mask") or row["generated_mask"]  # the training target: truth where the row has it
+    if stored is None:
         return None
-    mask = decode_chip(row["generated_mask"], meta["mask_encoding"], meta["mask_shape"], "uint8")
+    mask = decode_chip(stored, meta["mask_encoding"], meta["mask_shape"], "uint8")
     small = Image.fromarray(((mask > 0) * 255).astype(np.uint8)).resize(size, Image.Resampling.BILINEAR)
     return np.asarray(small) > 127
 

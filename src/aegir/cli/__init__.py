@@ -1,6 +1,6 @@
 """The ``aegir`` command line: parses arguments, calls a pipeline or store function, prints. No logic here.
 
-This module is the map of commands: each group lives in its own module (``labels``, ``dataset``, ``masks``,
+This module is the map of commands: each group lives in its own module (``labels``, ``imagery``, ``dataset``, ``masks``,
 ``training``, ``region``, ``search``, ``flywheel``, ``tools``), tables and report lines in ``render``, and the shared
 consoles / settings / error exit in ``common``.
 """
@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from aegir.cli import dataset, flywheel, labels, masks, region, search, tools, training
+from aegir.cli import dataset, flywheel, imagery, labels, masks, region, search, tools, training
 from aegir.cli.common import fail
 from aegir.config import ConfigError, load_settings
 
@@ -33,6 +33,7 @@ def main(
 
 app.add_typer(labels.labels_app, name="labels")
 app.add_typer(labels.prompts_app, name="prompts")
+app.add_typer(imagery.imagery_app, name="imagery")
 app.add_typer(dataset.dataset_app, name="dataset")
 app.add_typer(masks.masks_app, name="masks")
 app.command("train")(training.train)

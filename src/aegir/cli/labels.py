@@ -94,6 +94,30 @@ def labels_quarantine(
                       highlight=False)
 
 
+@labels_app.command("from-masks")
+def labels_from_masks(
+    images: Annotated[Path, typer.Option(help="Folder of image tiles (georeferenced or named, e.g. Jiang PV01).")],
+    masks: Annotated[Path, typer.Option(help="Folder of masks with the tiles' file stems (PV where > 0).")],
+    out: Annotated[Path, typer.Option(help="Folder for <name>_polygons|boxes|points.geojson (EPSG:4326).")],
+    name: Annotated[Optional[str], typer.Option(help="Label set name (default: the images folder's, or its "
+                                                     "parent's when it is called images).")] = None,
+) -> None:
+    """Ground-truth masks → panel polygons, one box per array and one point per array (array = 8-connected
+    component), as GeoJSON files ready for `aegir labels import`."""
+    from aegir.pipelines.dataset import default_dataset_name
+
+    try:
+        with console.status(f"vectorising masks in {masks} …"):
+            report = label_jobs.labels_from_masks(images, masks, out, name or default_dataset_name(images))
+    except (ValueError, OSError) as exc:
+        fail(str(exc))
+    console.print(f"{report.name}: {report.tiles} tiles with masks, {len(report.skipped)} skipped", highlight=False)
+    for kind, path in report.paths.items():
+        console.print(f"  {kind:<8} {report.counts[kind]:>6} rows  {path}", highlight=False)
+    for item in report.skipped:
+        console.print(f"  skipped {item['file']}: {item['reason']}", highlight=False)
+
+
 @prompts_app.command("export")
 def prompts_export(
     ctx: typer.Context,
@@ -104,11 +128,30 @@ def prompts_export(
     date_from: Annotated[Optional[str], typer.Option(help="Earliest label date (YYYY-MM-DD).")] = None,
     date_to: Annotated[Optional[str], typer.Option(help="Latest label date (YYYY-MM-DD).")] = None,
     limit: Annotated[Optional[int], typer.Option(help="At most this many prompts.")] = None,
+    with_imagery: Annotated[bool, typer.Option("--with-imagery", help="One prompt per (label, catalogued image) "
+                                                                     "pair, in the image's pixel grid.")] = False,
+    images_per_label: Annotated[str, typer.Option(help="With --with-imagery: all (every image a label meets) or "
+                                                       "best (the one holding most of it).")] = "all",
 ) -> None:
     """Write Mask Factory prompts (one per label) for the labels matching the filters."""
-    from aegir.store.prompt_files import write_prompts_geoparquet
+    from aegir.store.prompt_files import write_image_prompts, write_prompts_geoparquet
 
     query = label_query(dataset, bbox, s2_prefix, date_from, date_to, limit)
+    if with_imagery:
+        from aegir.pipelines.imagery import join_labels_to_imagery
+
+        try:
+            joined = join_labels_to_imagery(settings_of(ctx), query, image_assignment=images_per_label)
+        except (ValueError, ducklake.StoreError) as exc:
+            fail(str(exc))
+        write_image_prompts(joined.prompts, joined.labels, out)
+        images = len(set(joined.prompts["image_id"].to_pylist()))
+        clipped = sum(joined.prompts["clipped"].to_pylist())
+        console.print(f"wrote {joined.prompts.num_rows} prompts on {images} images ({clipped} clipped) to {out}; "
+                      f"join {joined.stats['join_seconds']} s", highlight=False)
+        for name, count in sorted(joined.without_imagery.items()):
+            console.print(f"  {name}: {count} labels on no catalogued image", highlight=False)
+        return
     try:
         prompts = label_jobs.build_prompts(settings_of(ctx), query)
     except (ValueError, ducklake.StoreError) as exc:

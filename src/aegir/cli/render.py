@@ -38,7 +38,8 @@ def print_skipped(skipped: list[dict]) -> None:
     """``skipped: <file>[ prompt <id>]: <reason>`` on stderr for each skipped input."""
     for item in skipped:
         what = f" prompt {item['prompt']}" if "prompt" in item else ""
-        errors.print(f"[yellow]skipped:[/] {item.get('file', '')}{what}: {item['reason']}", highlight=False)
+        reason = str(item["reason"]).removeprefix(f"{what.strip()}: ") if what else item["reason"]
+        errors.print(f"[yellow]skipped:[/] {item.get('file', '')}{what}: {reason}", highlight=False)
 
 
 def datasets_table(summaries: list[dict]) -> Table:
@@ -106,3 +107,29 @@ def tile_neighbours_table(result: dict) -> Table:
         view.add_row(str(rank), f"{hit['distance']:.5f}", Path(hit["tile_path"]).name, str(hit["window_col"]),
                      str(hit["window_row"]), hit["cell_token"])
     return view
+
+
+def imagery_table(rows: Any, quarantine: bool = False) -> Table:
+    """The imagery catalog (or its quarantine) as a table."""
+    if quarantine:
+        table = Table("file", "dataset", "reason", "when")
+        for row in rows.to_pylist():
+            table.add_row(row["uri"], row["dataset"], row["reason"], str(row["quarantined_at"])[:19])
+        return table
+    table = Table("image_id", "dataset", "file", "px", "GSD m", "CRS", "sensor", "georef", "truth")
+    for row in rows.to_pylist():
+        gsd = "—" if row["gsd_m"] is None else f"{row['gsd_m']:.3f}"
+        table.add_row(row["image_id"][:12], row["dataset"], Path(row["uri"]).name, f"{row['width']}×{row['height']}",
+                      gsd, row["crs"] or "pixel grid", row["sensor"],
+                      "file" if row["georeferenced"] else row["grid_convention"], "yes" if row["truth_uri"] else "")
+    return table
+
+
+def lineage_table(lineage: dict) -> Table:
+    """One row's lineage and its build record as a field | value table."""
+    values = {k: v for k, v in lineage.items() if k not in ("lineage", "build")}
+    for key, value in (lineage.get("lineage") or {}).items():
+        values[f"lineage.{key}"] = value
+    for key, value in (lineage.get("build") or {}).items():
+        values[f"build.{key}"] = value
+    return field_table(values)

@@ -49,11 +49,12 @@ def source_attributes(label_source: LabelSource) -> pd.DataFrame:
 
 
 def geometry_4326(label_source: LabelSource) -> np.ndarray:
-    """Geometries reprojected to EPSG:4326 (x = lon, y = lat); None where the source had none. Shape (N,)."""
+    """Geometries reprojected to EPSG:4326 (x = lon, y = lat), 2-D (a Z coordinate is dropped); None where the
+    source had none. Shape (N,)."""
     series = gpd.GeoSeries(label_source.frame.geometry.values, crs=label_source.crs)
     if not label_source.crs.equals("EPSG:4326", ignore_axis_order=True):
         series = series.to_crs("EPSG:4326")
-    return np.asarray(series.values, dtype=object)
+    return shapely.force_2d(np.asarray(series.values, dtype=object))  # Z / M values are dropped
 
 
 def _polygonal_part(geometry: shapely.Geometry) -> shapely.Geometry:
@@ -76,6 +77,15 @@ def repaired_geometry(geometry_4326: np.ndarray) -> np.ndarray:
     return out
 
 
+def _widest_part_lon_span(geometry: shapely.Geometry) -> float:
+    """The largest longitude extent of one part (polygon / line / point) of a geometry, in degrees.
+
+    A part wider than 180° is drawn the long way round the globe: in lon/lat it crosses the antimeridian without
+    being split there (a split MultiPolygon's parts each stay narrow)."""
+    bounds = shapely.bounds(shapely.get_parts(geometry))
+    return float((bounds[:, 2] - bounds[:, 0]).max()) if len(bounds) else 0.0
+
+
 def geometry_problems(label_source: LabelSource, geometry_4326: np.ndarray, repaired_geometry: np.ndarray) -> dict[int, str]:
     """source_row → reason, for rows that cannot be imported (reading problems, no/empty/unfixable geometry)."""
     problems = dict(label_source.row_problems)
@@ -92,8 +102,12 @@ def geometry_problems(label_source: LabelSource, geometry_4326: np.ndarray, repa
             problems[row] = f"invalid {geometry_4326[position].geom_type} could not be repaired (make_valid left nothing)"
         else:
             min_lon, min_lat, max_lon, max_lat = geometry.bounds
+            span = _widest_part_lon_span(geometry)
             if not (-180 <= min_lon <= max_lon <= 180 and -90 <= min_lat <= max_lat <= 90):
                 problems[row] = f"coordinates outside lon/lat range after reprojection: bounds {geometry.bounds}"
+            elif span > 180:
+                problems[row] = (f"crosses the antimeridian (one part spans {span:.3f}° of longitude); split it at "
+                                 "±180° into a MultiPolygon")
     return problems
 
 
@@ -199,7 +213,7 @@ def label_rows(
     """The ``raw_<dataset>`` rows: source columns kept + the derived schema columns (``s2_token_l<level>`` per
     ``store.ducklake.LABEL_S2_LEVELS``, ``h3_<resolution>``). One row per accepted row."""
     count = int(accepted_mask.sum())
-    table = _arrow_attributes(source_attributes[accepted_mask].reset_index(drop=True))
+    attributes = _arrow_attributes(source_attributes[accepted_mask].reset_index(drop=True))
     derived = {
         "row_hash": pa.array(row_hash[accepted_mask], pa.string()),
         "dataset_name": pa.array([dataset_name] * count, pa.string()),
@@ -217,8 +231,9 @@ def label_rows(
     derived["label_date"] = pa.array(label_date[accepted_mask], pa.date32())
     derived["doi"] = pa.array([doi] * count, pa.string())
     derived["imported_at"] = pa.array([imported_at] * count, pa.timestamp("us", tz="UTC"))
-    for name, array in derived.items():
-        table = table.append_column(name, array)
+    table = pa.table(derived)  # built from the derived columns: a file without properties has no source column
+    for position, name in enumerate(attributes.column_names):
+        table = table.add_column(position, name, attributes.column(position))
     return table
 
 

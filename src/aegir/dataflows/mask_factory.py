@@ -77,7 +77,7 @@ def union_mask(mask_result: MaskResult) -> np.ndarray:
 
 def mask_scores(mask_result: MaskResult, chip_prompts: PixelPrompts, image_chip: Chip) -> pd.DataFrame:
     """One row per prompt: prompt_id, kind, clipped, confidence, stability, area_px, area_m2, rectangularity."""
-    area_px = mask_result.masks.reshape(len(chip_prompts), -1).sum(axis=1)
+    area_px = mask_result.masks.sum(axis=(1, 2))  # (N,); N may be 0 when no prompt of the image is usable
     gsd = image_chip.gsd_m if np.isfinite(image_chip.gsd_m) else np.nan
     return pd.DataFrame({
         "prompt_id": list(chip_prompts.ids),

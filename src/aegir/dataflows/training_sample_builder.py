@@ -2,8 +2,9 @@
 
 Inputs: ``sample_chips`` (list of :class:`~aegir.utils.types.Chip`, one per sample, each with ``extras["sample_id"]``
 and ``extras["prompt_wkb"]`` — the prompt geometry, WKB, EPSG:4326; optional ``extras["provenance"]``, a dict of
-per-sample provenance merged into ``params_json``), ``sample_masks`` (sample_id → (H, W) uint8
-mask, 0/1, on the chip grid; missing = no mask yet), ``msi_chips`` (sample_id → co-registered Sentinel-2 Chip),
+per-sample provenance merged into ``params_json``; optional ``extras["lineage"]``, a dict of
+``LINEAGE_TYPE`` fields), ``sample_masks`` (sample_id → (H, W) uint8 generated mask, 0/1, on the chip grid; missing
+= no mask yet), ``truth_masks`` (sample_id → (H, W) pixel ground truth, stored in ``truth_mask``), ``msi_chips`` (sample_id → co-registered Sentinel-2 Chip),
 ``dataset_name``, ``chip_encoding`` ("raw" | "png" | "tiff"), ``mask_source``, ``provenance_params``,
 ``s2_levels`` and ``h3_resolution`` (``Settings.s2_levels`` / ``Settings.h3_resolution``; default 10, 13, 17 and 12).
 Output ``training_rows``: an Arrow table in ``training_data_schema(s2_levels, h3_resolution)`` (the defaults give
@@ -25,7 +26,7 @@ import shapely
 from aegir import __version__
 from aegir.store.chip_codec import encode_chip
 from aegir.config import DEFAULT_H3_RESOLUTION, DEFAULT_S2_LEVELS
-from aegir.store.lance_io import training_data_schema
+from aegir.store.lance_io import LINEAGE_TYPE, training_data_schema
 from aegir.utils import s2geometry
 from aegir.utils.types import Chip
 
@@ -68,16 +69,37 @@ def _timestamp(text: str | None) -> dt.datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
 
 
-def _mask_fields(mask: np.ndarray | None, encoding: str, mask_source: str) -> tuple[bytes | None, dict[str, Any]]:
+def _encode_mask(mask: np.ndarray | None, encoding: str) -> bytes | None:
     if mask is None:
-        return None, {"mask_shape": None, "mask_encoding": None, "mask_source": None, "pv_fraction": None}
+        return None
     binary = (mask > 0).astype(np.uint8)
-    return encode_chip(binary * 255 if encoding == "png" else binary, encoding), {
-        "mask_shape": list(binary.shape),
+    return encode_chip(binary * 255 if encoding == "png" else binary, encoding)
+
+
+def _mask_fields(generated: np.ndarray | None, truth: np.ndarray | None, encoding: str, mask_source: str
+                 ) -> dict[str, Any]:
+    """Metadata of a row's masks: shape/encoding shared by both, ``pv_fraction`` of the training target (the
+    truth where present), ``mask_source`` of the generated mask (``ground_truth`` for a truth-only row)."""
+    if generated is not None and truth is not None and generated.shape != truth.shape:
+        raise ValueError(f"generated mask {generated.shape} and truth {truth.shape} disagree")
+    target = truth if truth is not None else generated
+    if target is None:
+        return {"mask_shape": None, "mask_encoding": None, "mask_source": None, "pv_fraction": None}
+    return {
+        "mask_shape": list(target.shape),
         "mask_encoding": encoding,
-        "mask_source": mask_source,
-        "pv_fraction": float(binary.mean()),
+        "mask_source": mask_source if generated is not None else "ground_truth",
+        "pv_fraction": float((target > 0).mean()),
     }
+
+
+def _lineage(chip: Chip, created_at: dt.datetime) -> dict[str, Any]:
+    """The row's lineage struct; every field null for rows not built from the lakehouse (Lance file format 2.0
+    stores no struct validity, so the struct itself is never null)."""
+    lineage = chip.extras.get("lineage")
+    if lineage is None:
+        return {field.name: None for field in LINEAGE_TYPE}
+    return {field.name: None for field in LINEAGE_TYPE} | {"built_at": created_at} | lineage
 
 
 def _msi_fields(msi: Chip | None) -> tuple[bytes | None, dict[str, Any]]:
@@ -93,6 +115,7 @@ def _msi_fields(msi: Chip | None) -> tuple[bytes | None, dict[str, Any]]:
 def training_rows(
     sample_chips: list[Chip],
     sample_masks: dict[str, np.ndarray],
+    truth_masks: dict[str, np.ndarray],
     msi_chips: dict[str, Chip],
     sample_uuids: list[str],
     sample_centroids: np.ndarray,
@@ -104,14 +127,17 @@ def training_rows(
     provenance_params: dict,
     h3_resolution: int = DEFAULT_H3_RESOLUTION,
 ) -> pa.Table:
-    """One ``training_data`` row per chip; masks are stored 0/1 (``png``: 0/255). The schema has one
+    """One ``training_data`` row per chip; masks are stored 0/1 (``png``: 0/255), the generated one in
+    ``generated_mask``, ground truth in ``truth_mask`` (never mixed). The schema has one
     ``s2_token_l<level>`` field per level of ``sample_s2_tokens`` and an ``h3_<h3_resolution>`` field."""
     levels = sorted(sample_s2_tokens)
     created_at = dt.datetime.now(dt.timezone.utc)
     rows = []
     for index, chip in enumerate(sample_chips):
         sample_id = chip.extras["sample_id"]
-        mask_bytes, mask_meta = _mask_fields(sample_masks.get(sample_id), chip_encoding, mask_source)
+        generated, truth = sample_masks.get(sample_id), truth_masks.get(sample_id)
+        mask_bytes = _encode_mask(generated, chip_encoding)
+        mask_meta = _mask_fields(generated, truth, chip_encoding, mask_source)
         msi_bytes, msi_meta = _msi_fields(msi_chips.get(sample_id))
         metadata = {
             "dataset": dataset_name,
@@ -150,6 +176,8 @@ def training_rows(
                 "generated_mask": mask_bytes,
                 "msi_image_chip": msi_bytes,
                 "metadata": metadata,
+                "truth_mask": _encode_mask(truth, chip_encoding),
+                "lineage": _lineage(chip, created_at),
             }
         )
     return pa.Table.from_pylist(rows, schema=training_data_schema(levels, h3_resolution))

@@ -29,7 +29,9 @@ class PixelPrompts:
 
     ``boxes``: (N, 4) float (xmin, ymin, xmax, ymax), NaN rows for point prompts; ``points``: (N, 2) float (x, y),
     NaN rows for box prompts; ``ids``: a name per prompt (kept in outputs); ``clipped``: (N,) bool, True where a
-    georeferenced prompt was clipped to the chip.
+    georeferenced prompt was clipped to the chip; ``priors``: None (no priors) or a tuple with one entry per prompt,
+    each None or an (H, W) bool shape prior on the image grid (e.g. a rasterised label polygon). A prior is evidence
+    for a backend, never the answer: backends may ignore it.
     """
 
     boxes: np.ndarray
@@ -38,6 +40,7 @@ class PixelPrompts:
     height: int
     width: int
     clipped: np.ndarray = field(default=None)  # type: ignore[assignment]
+    priors: tuple[np.ndarray | None, ...] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.ids)
@@ -45,6 +48,12 @@ class PixelPrompts:
             raise PromptError(f"prompt arrays disagree: {n} ids, boxes {self.boxes.shape}, points {self.points.shape}")
         if self.clipped is None:
             object.__setattr__(self, "clipped", np.zeros(n, bool))
+        if self.priors is not None:
+            object.__setattr__(self, "priors", _check_priors(self.priors, self.ids, self.height, self.width))
+
+    def prior(self, index: int) -> np.ndarray | None:
+        """(H, W) bool shape prior of a prompt, or None."""
+        return None if self.priors is None else self.priors[index]
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -71,6 +80,21 @@ class PixelPrompts:
         return out
 
 
+def _check_priors(priors, ids: tuple[str, ...], height: int, width: int) -> tuple[np.ndarray | None, ...]:
+    """Priors as a tuple of None / (H, W) bool arrays, one per prompt; anything else → :class:`PromptError`."""
+    priors = tuple(priors)
+    if len(priors) != len(ids):
+        raise PromptError(f"{len(priors)} priors for {len(ids)} prompts")
+    out: list[np.ndarray | None] = []
+    for name, prior in zip(ids, priors):
+        if prior is not None:
+            prior = np.asarray(prior).astype(bool, copy=False)
+            if prior.shape != (height, width):
+                raise PromptError(f"prompt {name}: prior is {prior.shape}, the image is {(height, width)}")
+        out.append(prior)
+    return tuple(out)
+
+
 def _span(lo: float, hi: float, size: int) -> slice:
     """Pixels whose centres fall in [lo, hi], at least one, clipped to [0, size)."""
     start = int(math.floor(lo + 0.5))
@@ -85,10 +109,11 @@ def pixel_prompts(
     boxes: Sequence[Sequence[float]] | np.ndarray = (),
     points: Sequence[Sequence[float]] | np.ndarray = (),
     ids: Sequence[str] | None = None,
+    priors: Sequence[np.ndarray | None] | None = None,
 ) -> PixelPrompts:
-    """Box and point prompts in pixel coordinates; boxes first, then points (``ids`` in that order).
+    """Box and point prompts in pixel coordinates; boxes first, then points (``ids`` and ``priors`` in that order).
 
-    A box with zero or negative width/height, a box or point wholly outside the image, or a non-finite value →
+    ``priors``: optional (H, W) bool shape priors, None per prompt without one (see :class:`PixelPrompts`). A box with zero or negative width/height, a box or point wholly outside the image, or a non-finite value →
     :class:`PromptError` naming the prompt. Boxes partly outside are clipped to the image.
     """
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
@@ -110,7 +135,8 @@ def pixel_prompts(
         if not (0 <= x <= width and 0 <= y <= height):
             raise PromptError(f"prompt {ids[i]}: point ({x:g}, {y:g}) is outside the {width}x{height} image")
         out_points[i] = (min(x, width - 0.5), min(y, height - 0.5))
-    return PixelPrompts(out_boxes, out_points, ids, height, width, clipped)
+    return PixelPrompts(out_boxes, out_points, ids, height, width, clipped,
+                        None if priors is None else _check_priors(priors, ids, height, width))
 
 
 def _clip_box(box: np.ndarray, height: int, width: int, name: str) -> tuple[np.ndarray, bool]:

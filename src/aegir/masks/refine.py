@@ -66,3 +66,61 @@ def rectangularity(mask: np.ndarray) -> float:
     if not mask.any():
         return 0.0
     return min(_min_area_rect(mask)[1], 1.0)
+
+
+def grow_from_point(
+    lab: np.ndarray,
+    x: float,
+    y: float,
+    radius_px: int = 4,
+    sigma: float = 3.0,
+    min_std: float = 3.0,
+    close_px: int = 5,
+    max_px: int = 192,
+    open_px: int = 0,
+) -> np.ndarray:
+    """(H, W) bool: the object under a point prompt, by colour similarity (a prompt-extent estimate, not a mask).
+
+    ``lab``: (H, W, 3) float CIELAB image; (x, y): the point in pixel coordinates (x = col). The colour model is the
+    mean / covariance of a ``radius_px`` disk around the point (each axis at least ``min_std``); pixels within
+    ``sigma`` Mahalanobis distance of it, closed with a ``close_px`` square (bridges module grid lines), holes
+    filled, opened with an ``open_px`` square (cuts thin bridges to look-alike neighbours) and the connected
+    component under the point kept; the search is limited to a ``max_px`` square.
+    """
+    height, width = lab.shape[:2]
+    col, row = min(int(x), width - 1), min(int(y), height - 1)
+    half = max_px // 2
+    r0, c0 = max(row - half, 0), max(col - half, 0)
+    window = lab[r0:min(row + half, height), c0:min(col + half, width)]
+    rr, cc = np.ogrid[:window.shape[0], :window.shape[1]]
+    disk = (rr - (row - r0)) ** 2 + (cc - (col - c0)) ** 2 <= radius_px ** 2
+    colours = window[disk].reshape(-1, 3).astype(np.float64)
+    cov = np.cov(colours, rowvar=False) if len(colours) > 3 else np.zeros((3, 3))
+    cov = cov + np.eye(3) * min_std ** 2
+    diff = window.reshape(-1, 3) - colours.mean(axis=0)
+    mahal = np.einsum("ij,jk,ik->i", diff, np.linalg.inv(cov), diff).reshape(window.shape[:2])
+    similar = (mahal <= sigma ** 2) | disk
+    if close_px > 1:
+        kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (close_px, close_px))
+        similar = cv2.morphologyEx(similar.astype(np.uint8), cv2.MORPH_CLOSE, kernel).astype(bool)
+    similar = ndi.binary_fill_holes(similar)
+    if open_px > 1:
+        kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (open_px, open_px))
+        opened = cv2.morphologyEx(similar.astype(np.uint8), cv2.MORPH_OPEN, kernel).astype(bool)
+        if opened[row - r0, col - c0]:
+            similar = opened
+    labels, _ = ndi.label(similar)
+    out = np.zeros((height, width), bool)
+    out[r0:r0 + window.shape[0], c0:c0 + window.shape[1]] = labels == labels[row - r0, col - c0]
+    return out
+
+
+def keep_touching(mask: np.ndarray, anchor: np.ndarray) -> np.ndarray:
+    """The 8-connected components of a (h, w) bool mask that overlap the (h, w) bool ``anchor``."""
+    labels, n = ndi.label(mask, structure=np.ones((3, 3)))
+    if n == 0:
+        return mask.astype(bool)
+    keep = np.zeros(n + 1, bool)
+    keep[np.unique(labels[anchor & mask])] = True
+    keep[0] = False
+    return keep[labels]

@@ -7,6 +7,7 @@ DAG of pure functions, and writes through the store layer; dataflows receive dat
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterable, Sequence
@@ -18,9 +19,13 @@ from aegir.dataflows import (
     chip_embeddings,
     embedding_hooks,
     grid_plan,
+    imagery_catalog,
+    label_image_join,
     label_import,
+    lakehouse_samples,
     label_prompts,
     mask_factory,
+    mask_labels,
     region_inference,
     s2_indexing,
     tile_embeddings,
@@ -32,8 +37,12 @@ from aegir.store import run_files
 STAGES: dict[str, tuple[ModuleType, ...]] = {
     "label_import": (label_import, s2_indexing),
     "prompts": (label_prompts,),
+    "imagery_catalog": (imagery_catalog,),
+    "label_image_join": (label_image_join,),
+    "lakehouse_samples": (lakehouse_samples,),
     "training_samples": (training_sample_builder,),
     "mask_factory": (mask_factory,),
+    "mask_labels": (mask_labels,),
     "grid_plan": (grid_plan,),
     "region_inference": (region_inference,),
     "validation": (validation,),
@@ -42,6 +51,28 @@ STAGES: dict[str, tuple[ModuleType, ...]] = {
     "tile_embeddings": (tile_embeddings,),
     "embedding_hooks": (embedding_hooks,),
 }
+
+
+class _HamiltonErrorBanner(logging.Filter):
+    """Drops what Hamilton logs when a run fails: the "Oh no an error! … join our slack" banner
+    (``hamilton.driver``) and the node-failure dump with its traceback (``hamilton.execution.graph_functions``).
+
+    The exception itself still propagates to the job's caller, which reports it (the CLI: one ``error:`` line naming
+    the file and the problem); without this filter Python's last-resort handler prints both onto stderr.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        if record.name == "hamilton.driver":
+            return "join our slack" not in str(record.msg).lower()
+        return record.exc_info is None  # graph_functions: the failed node's inputs + traceback
+
+
+_HAMILTON_FILTER = _HamiltonErrorBanner()
+for _name in ("hamilton.driver", "hamilton.execution.graph_functions"):
+    if _HAMILTON_FILTER not in logging.getLogger(_name).filters:
+        logging.getLogger(_name).addFilter(_HAMILTON_FILTER)
 
 
 def build_driver(modules: Sequence[ModuleType], config: dict[str, Any] | None = None) -> driver.Driver:

@@ -1,5 +1,5 @@
-"""``training_data`` jobs (``aegir dataset build|info``): image tiles (+ masks, + Sentinel-2) or lakehouse labels →
-chips → rows of the LanceDB ``training_data`` table.
+"""``training_data`` jobs (``aegir dataset build|info``): image tiles (+ ground-truth masks, + Sentinel-2) → chips →
+rows of the LanceDB ``training_data`` table (the lakehouse path is :mod:`aegir.pipelines.lakehouse_build`).
 
 Each batch runs the ``training_samples`` DAG to ``training_rows`` and is written by :func:`write_training_batch`
 through :mod:`aegir.store.lance_io` (one ``merge_insert`` commit per batch, scalar indexes refreshed after).
@@ -16,8 +16,7 @@ import numpy as np
 
 from aegir.config import Settings
 from aegir.pipelines import run_stage
-from aegir.pipelines.labels import build_prompts
-from aegir.store import ducklake, image_files, lance_io
+from aegir.store import image_files, lance_io
 from aegir.utils import geo
 from aegir.utils.types import Chip
 
@@ -43,14 +42,15 @@ class BuildReport:
 
 def write_training_batch(table: lancedb.table.Table, chips: list[Chip], masks: dict[str, np.ndarray],
                          msi: dict[str, Chip], dataset: str, encoding: str, mask_source: str,
-                         params: dict) -> lance_io.UpsertResult:
+                         params: dict, truth: dict[str, np.ndarray] | None = None) -> lance_io.UpsertResult:
     """Upsert one ``training_data`` row per chip (keyed by uuid, one commit) and refresh the scalar indexes.
 
-    ``masks``: sample_id → (H, W) 0/1 mask on the chip grid; ``msi``: sample_id → co-registered Sentinel-2 chip;
+    ``masks``: sample_id → (H, W) 0/1 generated mask on the chip grid; ``truth``: sample_id → pixel ground truth
+    (its own column, never replaced by a generated mask); ``msi``: sample_id → co-registered Sentinel-2 chip;
     ``params``: provenance parameters stored with every row (see :mod:`aegir.dataflows.training_sample_builder`).
     """
     rows = run_stage("training_samples", ["training_rows"], {
-        "sample_chips": chips, "sample_masks": masks, "msi_chips": msi, "dataset_name": dataset,
+        "sample_chips": chips, "sample_masks": masks, "truth_masks": truth or {}, "msi_chips": msi, "dataset_name": dataset,
         "chip_encoding": encoding, "mask_source": mask_source, "provenance_params": params,
         "s2_levels": lance_io.stored_s2_levels(table.schema), "h3_resolution": lance_io.stored_h3_resolution(table.schema),
     })["training_rows"]
@@ -62,21 +62,24 @@ def write_training_batch(table: lancedb.table.Table, chips: list[Chip], masks: d
     return result
 
 
-def msi_chips_for(chips: list[Chip], msi_dir: str | None) -> tuple[dict[str, Chip], list[dict]]:
+def msi_chips_for(chips: list[Chip], msi_dir: str | None, processing_baseline: str | None = None
+                  ) -> tuple[dict[str, Chip], list[dict]]:
     """Co-registered Sentinel-2 chips (sample_id → Chip) for chips inside the scene in ``msi_dir``, and the chips
-    without one as skipped {file, reason}."""
+    without one as skipped {file, reason}. The DN offset follows the product's processing baseline, read from its
+    metadata or given as ``processing_baseline``; neither → :class:`~aegir.store.msi_files.MsiError`."""
     if not msi_dir:
         return {}, []
     from aegir.store import msi_files as msi
 
     files = msi.msi_band_files(msi_dir)
     grid = msi.msi_scene_grid(files)
-    offset = msi.msi_dn_offset()
+    radiometry = msi.msi_radiometry(msi_dir, processing_baseline)
     out, skipped = {}, []
     for chip in chips:
         try:
             out[chip.extras["sample_id"]] = msi.msi_chip_for_bounds(files, grid, chip.bounds, chip.crs.to_string(),
-                                                                    offset)
+                                                                    radiometry.dn_offset,
+                                                                    msi_product_level=radiometry.product_level)
         except msi.MsiError as exc:
             skipped.append({"file": chip.source, "reason": f"no MSI chip: {exc}"})
     return out, skipped
@@ -143,6 +146,7 @@ def build_dataset_from_images(
     encoding: str = "raw",
     msi_dir: str | None = None,
     progress: Any = None,
+    processing_baseline: str | None = None,
 ) -> BuildReport:
     """One ``training_data`` row per image tile; masks matched by file stem (PV where > 0); prompt = tile footprint.
 
@@ -162,9 +166,10 @@ def build_dataset_from_images(
         chips, masks = load_tile_chips(batch, masks_by_stem, skipped)
         if progress:
             progress(len(batch))
-        msi_chips, msi_skipped = msi_chips_for(chips, msi_dir)
+        msi_chips, msi_skipped = msi_chips_for(chips, msi_dir, processing_baseline)
         skipped += msi_skipped
-        result = write_training_batch(table, chips, masks, msi_chips, dataset, encoding, "ground_truth", params)
+        result = write_training_batch(table, chips, {}, msi_chips, dataset, encoding, "ground_truth", params,
+                                      truth=masks)
         totals = [totals[0] + result.inserted, totals[1] + result.updated]
     return BuildReport(_location(settings, uri), totals[0], totals[1], table.version, skipped)
 
@@ -173,68 +178,3 @@ def dataset_info(settings: Settings, uri: str | None = None) -> dict:
     """Rows, versions, size, S2 coverage and class balance of a ``training_data`` table."""
     table = lance_io.open_training_table(uri, settings.lancedb_root, create=False)
     return lance_io.table_summary(table) | lance_io.class_balance(table)
-
-
-def _prompt_chips(prompts, images_dir: str | Path, chip_size: int, skipped: list[dict],
-                  progress: Any) -> tuple[list[Chip], dict[str, np.ndarray], set[int]]:
-    """(chips centred on the prompts whose centroid lies on a tile, {sample_id: mask burnt from every prompt
-    polygon touching the chip}, indexes of the prompts used); unusable tiles are appended to ``skipped``."""
-    import shapely
-
-    geometries = shapely.from_wkb(prompts["prompt_geometry"].to_numpy(zero_copy_only=False))
-    wkbs = prompts["prompt_geometry"].to_pylist()
-    tree = shapely.STRtree(geometries)
-    chips, masks, used = [], {}, set()
-    for path in image_files.list_image_files(images_dir):
-        tile = _tile_chip(path, skipped)
-        if progress:
-            progress(1)
-        if tile is None:
-            continue
-        footprint = shapely.from_wkb(geo.chip_footprint_wkb(tile))
-        for index in tree.query(footprint, predicate="intersects"):
-            if index in used or not footprint.contains(shapely.centroid(geometries[index])):
-                continue
-            used.add(int(index))
-            sample_id = prompts["uuid"][int(index)].as_py()
-            chip = geo.chip_centred_on(tile, shapely.centroid(geometries[index]), chip_size)
-            chip = dataclasses.replace(chip, extras={**chip.extras, "sample_id": sample_id, "uuid": sample_id,
-                                                     "prompt_wkb": wkbs[index], "tile": tile.source})
-            chip_area = shapely.from_wkb(geo.chip_footprint_wkb(chip))
-            touching = [wkbs[i] for i in tree.query(chip_area, predicate="intersects")]
-            mask = geo.burn_polygons(chip, touching)
-            if mask is not None:
-                masks[chip.extras["sample_id"]] = mask
-            chips.append(chip)
-    return chips, masks, used
-
-
-def build_dataset_from_lakehouse(
-    settings: Settings,
-    query: ducklake.LabelQuery,
-    images_dir: str | Path,
-    uri: str | None = None,
-    dataset: str | None = None,
-    chip_size: int = 256,
-    encoding: str = "raw",
-    msi_dir: str | None = None,
-    progress: Any = None,
-) -> BuildReport:
-    """One row per lakehouse prompt that falls on a tile in ``images_dir``: a chip centred on the prompt, the
-    ground-truth mask burnt from every polygon label of the query touching the chip (points: no mask yet, the Mask
-    Factory makes it). Prompts on no tile are reported as skipped. Rows are keyed by the prompt uuid.
-    """
-    prompts = build_prompts(settings, query)
-    table = lance_io.open_training_table(uri, settings.lancedb_root, s2_levels=settings.s2_levels,
-                                         h3_resolution=settings.h3_resolution)
-    skipped: list[dict] = []
-    chips, masks, used = _prompt_chips(prompts, images_dir, chip_size, skipped, progress)
-    skipped += [{"prompt": prompts["uuid"][i].as_py(), "reason": "no tile in the images folder covers its centroid"}
-                for i in range(prompts.num_rows) if i not in used]
-    datasets = sorted(set(prompts["dataset"].to_pylist())) or ["lakehouse"]
-    dataset = dataset or "+".join(datasets)
-    params = {"images_dir": str(Path(images_dir).resolve()), "query": repr(query), "chip_size": chip_size}
-    msi_chips, msi_skipped = msi_chips_for(chips, msi_dir)
-    result = write_training_batch(table, chips, masks, msi_chips, dataset, encoding, "lakehouse_labels", params)
-    return BuildReport(_location(settings, uri), result.inserted, result.updated, table.version,
-                       skipped + msi_skipped)

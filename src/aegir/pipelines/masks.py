@@ -89,7 +89,9 @@ def generate_masks(
     Writes ``OUT/<stem>.png`` (uint8 0/255, union of the image's prompts; all zero for an image without prompts),
     ``OUT/geotiff/<stem>.tif`` for images with a file georeference, the scored polygons (``polygons_path``, default
     ``OUT/mask_polygons.geojson``) and ``OUT/report.json``. Unreadable images, prompts naming no image and unusable
-    prompts are recorded in ``skipped``; the other images are still processed. With ``lance_uri`` (or
+    prompts are recorded in ``skipped``; the other images are still processed. An image whose prompts are all
+    unusable gets an empty mask (the backend is not called; no ``training_data`` row); an image the backend fails
+    on is skipped with the error and gets no mask. With ``lance_uri`` (or
     ``settings``) the masks are upserted into ``training_data.generated_mask`` (see :func:`upsert_generated_masks`).
     """
     from aegir.masks import get_backend
@@ -116,11 +118,25 @@ def generate_masks(
             skipped.append({"file": str(path), "reason": "no prompts for this image: wrote an empty mask"})
             result_skips, polygons = [], None
         else:
-            result = dag.execute(list(MASK_OUTPUTS), inputs={"image_chip": chip, "image_prompt_rows": rows,
-                                                             "mask_backend": model})
-            mask, polygons, result_skips = result["union_mask"], result["mask_polygons"], result["skipped_prompts"]
-            used += len(rows) - len(result_skips)
-        skipped += [{"file": str(path), **item} for item in result_skips]
+            inputs = {"image_chip": chip, "image_prompt_rows": rows, "mask_backend": model}
+            conversion = dag.execute(["prompt_conversion"], inputs=inputs)["prompt_conversion"]
+            result_skips = conversion["skipped"]
+            skipped += [{"file": str(path), **item} for item in result_skips]
+            if not len(conversion["prompts"]):  # every prompt unusable: the backend is not asked, the mask is empty
+                mask, polygons, rows = np.zeros((chip.height, chip.width), np.uint8), None, None
+                skipped.append({"file": str(path), "reason": f"no usable prompts ({len(result_skips)} skipped): "
+                                                             "wrote an empty mask"})
+            else:
+                try:
+                    result = dag.execute(list(MASK_OUTPUTS), inputs=inputs,
+                                         overrides={"prompt_conversion": conversion})
+                except Exception as exc:  # noqa: BLE001 — one image failing in the backend never sinks the batch
+                    message = " ".join(str(exc).split())
+                    skipped.append({"file": str(path), "reason": f"mask backend {model.name} failed on this image "
+                                                                 f"({type(exc).__name__}: {message}); no mask written"})
+                    continue
+                mask, polygons = result["union_mask"], result["mask_polygons"]
+                used += len(rows) - len(result_skips)
         written[path.stem] = str(mask_files.write_mask_png(mask, out / f"{path.stem}.png"))
         if chip.georeferenced and chip.extras.get("grid_convention") == "file":
             mask_files.write_mask_geotiff(mask, chip, out / "geotiff" / f"{path.stem}.tif")
@@ -162,7 +178,8 @@ def upsert_generated_masks(settings: Settings, items: list, mask_backend: Any, u
 
     ``items``: (chip, file stem, (H, W) mask, polygons GeoDataFrame or None) per image. The row uuid is
     uuid5(``dataset:<stem>``), the same key ``aegir dataset build --images`` uses, so a mask for a tile already in
-    the table replaces that row's mask. Provenance: backend name, version and parameters.
+    the table gets the generated mask beside its ground truth (``truth_mask`` is carried over, never replaced).
+    Provenance: backend name, version and parameters.
     """
     import shapely
 
@@ -180,8 +197,9 @@ def upsert_generated_masks(settings: Settings, items: list, mask_backend: Any, u
         masks[stem] = mask
     params = {"backend": mask_backend.name, "backend_params": mask_backend.params,
               "backend_version": mask_backend.version}
+    truth = lance_io.stored_truth_masks(table, dataset, list(masks))  # ground truth stays in its own column
     result = write_training_batch(table, chips, masks, {}, dataset, "raw", f"mask_factory:{mask_backend.name}",
-                                  params)
+                                  params, truth=truth)
     return {"inserted": result.inserted, "updated": result.updated, "version": result.version, "rows": len(chips)}
 
 

@@ -17,7 +17,7 @@ from aegir.utils import geo
 from aegir.utils.quicklook import chip_panel, decision_outlines
 from aegir.utils.types import Chip
 
-COLUMNS = ["uuid", "prompt_geometry", "vhr_image_chip", "generated_mask", "metadata"]
+COLUMNS = ["uuid", "prompt_geometry", "vhr_image_chip", "generated_mask", "truth_mask", "metadata"]
 
 
 def _row_chip(row: dict) -> Chip:
@@ -33,8 +33,9 @@ def row_panel(row: dict) -> np.ndarray:
     chip = _row_chip(row)
     meta = row["metadata"]
     mask = None
-    if row["generated_mask"] is not None:
-        mask = decode_chip(row["generated_mask"], meta["mask_encoding"], meta["mask_shape"], "uint8")
+    stored = row.get("truth_mask") or row["generated_mask"]  # the training target: truth where the row has it
+    if stored is not None:
+        mask = decode_chip(stored, meta["mask_encoding"], meta["mask_shape"], "uint8")
         mask = mask.reshape(chip.height, chip.width)
     prompt = geo.burn_polygons(chip, [row["prompt_geometry"]]) if meta["crs"] != geo.PIXEL_GRID_CRS.to_string() \
         else None

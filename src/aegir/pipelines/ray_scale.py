@@ -80,7 +80,7 @@ def training_rows(chips: list, masks: dict, msi: dict, dataset: str, encoding: s
     """``training_data`` rows (validated against the schema of ``s2_levels`` / ``h3_resolution``) from the
     ``training_samples`` stage, as the single-process build makes them."""
     rows = run_stage("training_samples", ["training_rows"], {
-        "sample_chips": chips, "sample_masks": masks, "msi_chips": msi, "dataset_name": dataset,
+        "sample_chips": chips, "sample_masks": {}, "truth_masks": masks, "msi_chips": msi, "dataset_name": dataset,
         "chip_encoding": encoding, "mask_source": "ground_truth", "provenance_params": params,
         "s2_levels": s2_levels, "h3_resolution": h3_resolution,
     })["training_rows"]
@@ -89,6 +89,7 @@ def training_rows(chips: list, masks: dict, msi: dict, dataset: str, encoding: s
 
 def build_block(batch: pa.Table, *, dataset_uri: str, masks_by_stem: dict[str, str], dataset: str,
                 encoding: str, msi_dir: str | None, params: dict, s2_levels: tuple[int, ...],
+                processing_baseline: str | None = None,
                 h3_resolution: int) -> pa.Table:
     """Ray ``map_batches`` UDF: the image files of ``batch["path"]`` → rows written as uncommitted fragments.
 
@@ -97,7 +98,7 @@ def build_block(batch: pa.Table, *, dataset_uri: str, masks_by_stem: dict[str, s
     skipped: list[dict] = []
     paths = [Path(p) for p in batch.column("path").to_pylist()]
     chips, masks = load_tile_chips(paths, masks_by_stem, skipped)
-    msi_chips, msi_skipped = msi_chips_for(chips, msi_dir)
+    msi_chips, msi_skipped = msi_chips_for(chips, msi_dir, processing_baseline)
     fragments, uuids = [], []
     if chips:
         rows = training_rows(chips, masks, msi_chips, dataset, encoding, params, s2_levels, h3_resolution)
@@ -126,6 +127,7 @@ def build_dataset_ray(
     msi_dir: str | None = None,
     num_blocks: int | None = None,
     address: str | None = None,
+    processing_baseline: str | None = None,
 ) -> BuildReport:
     """:func:`aegir.pipelines.dataset.build_dataset_from_images` on Ray: tiles split into ``num_blocks`` blocks
     (default: the cluster's CPUs; at most ``BUILD_BATCH`` tiles a block), rows written by the workers, one commit.
@@ -147,7 +149,7 @@ def build_dataset_ray(
         per_block = min(BUILD_BATCH, math.ceil(len(images) / blocks))
         kwargs = {"dataset_uri": dataset_uri, "masks_by_stem": masks_by_stem, "dataset": dataset,
                   "encoding": encoding, "msi_dir": msi_dir, "params": params, "s2_levels": s2_levels,
-                  "h3_resolution": h3_resolution}
+                  "h3_resolution": h3_resolution, "processing_baseline": processing_baseline}
         results = (ray.data.from_items([{"path": str(p)} for p in images], override_num_blocks=blocks)
                    .map_batches(build_block, batch_format="pyarrow", batch_size=per_block, fn_kwargs=kwargs)
                    .take_all())

@@ -235,6 +235,8 @@ class BrowseSource:
             raise BadQuery(f"{uuid[:80]!r} is not a chip uuid")
         ds = self.dataset(version)
         clause = lance_io.build_where_clause({"uuid": uuid}, ds.schema)
-        rows = ds.to_table(columns=["uuid", "vhr_image_chip", "generated_mask", "metadata"], filter=clause,
+        columns = ["uuid", "vhr_image_chip", "generated_mask", "metadata"]
+        columns += ["truth_mask"] if "truth_mask" in ds.schema.names else []  # versions before the column lack it
+        rows = ds.to_table(columns=columns, filter=clause,
                            limit=1).to_pylist()
         return rows[0] if rows else None

@@ -7,6 +7,7 @@ CRS, plus per-row problems found while reading (e.g. a CSV row without coordinat
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,14 +60,33 @@ def _read_vector(path: Path) -> gpd.GeoDataFrame:
     try:
         return pyogrio.read_dataframe(path, on_invalid="ignore")
     except Exception as exc:  # pyogrio raises DataSourceError, GEOSException, …
-        raise LabelFileError(f"{path}: cannot read as a vector file ({type(exc).__name__}: {exc})") from exc
+        raise LabelFileError(f"{path}: cannot read as a vector file ({type(exc).__name__}: {_one_line(exc)})") from exc
+
+
+def _one_line(exc: Exception) -> str:
+    """A library's message on one line (GDAL / pandas messages may span several)."""
+    return " ".join(str(exc).split())
+
+
+_GEOJSON_CRS = re.compile(rb'"crs"\s*:\s*\{[^{}]*"properties"\s*:\s*\{[^{}]*"name"\s*:\s*"([^"]*)"')
+
+
+def _geojson_declared_crs(path: Path) -> str | None:
+    """The name in a GeoJSON's legacy top-level ``crs`` member (read from the file's first 64 KiB), or None.
+
+    GDAL silently reads a GeoJSON whose ``crs`` it does not know as EPSG:4326; the caller checks the name itself.
+    """
+    with path.open("rb") as handle:
+        head = handle.read(65536)
+    match = _GEOJSON_CRS.search(head)
+    return match.group(1).decode("utf-8", "replace") if match else None
 
 
 def _read_geoparquet(path: Path) -> gpd.GeoDataFrame:
     try:
         return gpd.read_parquet(path)
     except Exception as exc:
-        raise LabelFileError(f"{path}: cannot read as GeoParquet ({type(exc).__name__}: {exc})") from exc
+        raise LabelFileError(f"{path}: cannot read as GeoParquet ({type(exc).__name__}: {_one_line(exc)})") from exc
 
 
 def _find_column(columns: list[str], candidates: tuple[str, ...], explicit: str | None, path: Path, what: str) -> str:
@@ -89,7 +109,7 @@ def _read_csv_points(path: Path, lon_col: str | None, lat_col: str | None) -> tu
     try:
         frame = pd.read_csv(path, sep=sep, encoding="utf-8-sig", low_memory=False)
     except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise LabelFileError(f"{path}: cannot read as CSV ({type(exc).__name__}: {exc})") from exc
+        raise LabelFileError(f"{path}: cannot read as CSV ({type(exc).__name__}: {_one_line(exc)})") from exc
     frame.columns = [str(c).strip() for c in frame.columns]
     lon_name = _find_column(list(frame.columns), LON_NAMES, lon_col, path, "longitude")
     lat_name = _find_column(list(frame.columns), LAT_NAMES, lat_col, path, "latitude")
@@ -116,6 +136,8 @@ def read_label_file(
     path = path.resolve()
     suffix = path.suffix.lower()
     override = _parse_crs(path, crs)
+    if path.is_file() and path.stat().st_size == 0:
+        raise LabelFileError(f"{path}: the file is empty (0 bytes)")
     problems: dict[int, str] = {}
     if suffix in CSV_SUFFIXES:
         frame, problems = _read_csv_points(path, lon_col, lat_col)
@@ -129,6 +151,14 @@ def read_label_file(
         )
     if override is not None:
         frame = frame.set_crs(override, allow_override=True)
+    elif suffix in (".geojson", ".json") and (declared := _geojson_declared_crs(path)) is not None:
+        try:
+            CRS.from_user_input(declared)
+        except CRSError:
+            raise LabelFileError(f"{path}: the file declares the unknown CRS {declared!r}; "
+                                 "pass --crs EPSG:XXXX") from None
+    if len(frame) == 0:
+        raise LabelFileError(f"{path}: the file holds no label rows (no features)")
     if frame.crs is None:
         hint = " (the .prj beside the .shp is missing)" if suffix == ".shp" else ""
         raise LabelFileError(f"{path}: the file declares no CRS{hint}; pass --crs EPSG:XXXX")

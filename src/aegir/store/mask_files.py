@@ -61,7 +61,10 @@ def _read_csv_prompts(path: Path) -> pd.DataFrame:
     out = pd.DataFrame({"filename": frame["filename"].astype(str).str.strip()})
     for column in (*BOX_COLUMNS, "x", "y"):
         out[column] = pd.to_numeric(frame[column], errors="coerce") if column in frame.columns else np.nan
-    out["kind"] = np.where(out[list(BOX_COLUMNS)].notna().all(axis=1), "box", "point")
+    # a row is a point only when it has no box value at all (a box with a blank / non-numeric corner stays a box
+    # and is reported as such); rows of a box-only CSV are boxes
+    no_box = frame.reindex(columns=list(BOX_COLUMNS)).isna().all(axis=1).to_numpy()
+    out["kind"] = np.where(has_points & no_box, "point", "box")
     out["prompt_id"] = [f"{Path(f).stem}#{i}" for i, f in enumerate(out["filename"])]
     out["source_row"] = np.arange(len(out)) + 2  # 1-based, after the header
     return out

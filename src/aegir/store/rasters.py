@@ -30,7 +30,8 @@ import rasterio
 from affine import Affine
 from PIL import Image
 from rasterio.crs import CRS
-from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.enums import MaskFlags
+from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOError
 from rasterio.warp import transform as warp_transform
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window, from_bounds
@@ -254,15 +255,20 @@ def _tile_pixels(path: Path) -> tuple[np.ndarray, np.ndarray | None, tuple[str, 
     return np.moveaxis(rgba[..., :3], -1, 0).copy(), (None if alpha.all() else alpha), ("red", "green", "blue")
 
 
-def _file_grid(path: Path) -> tuple[CRS, Affine] | None:
-    """The CRS and transform stored with the file (GeoTIFF tags, world file, .aux.xml), or None."""
+def _file_grid(path: Path) -> tuple[tuple[CRS, Affine] | None, np.ndarray | None]:
+    """(the CRS and transform stored with the file (GeoTIFF tags, world file, .aux.xml) or None, (H, W) bool of the
+    pixels the file marks valid (GDAL nodata value / mask band) or None when it marks none invalid)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         try:
             with rasterio.open(path) as dataset:
-                return (dataset.crs, dataset.transform) if dataset.crs is not None else None
-        except RasterioIOError:
-            return None
+                grid = (dataset.crs, dataset.transform) if dataset.crs is not None else None
+                flags = dataset.mask_flag_enums
+                if all(MaskFlags.all_valid in band for band in flags) or MaskFlags.alpha in flags[0]:
+                    return grid, None  # alpha: already read with the pixels
+                return grid, dataset.read_masks().any(axis=0)
+        except RasterioError:
+            return None, None
 
 
 def named_tile_chip(tile_path: str, allow_unnamed_tiles: bool = False) -> Chip:
@@ -277,7 +283,10 @@ def named_tile_chip(tile_path: str, allow_unnamed_tiles: bool = False) -> Chip:
         raise FileNotFoundError(f"{tile_path}: no such tile file")
     pixels, valid, bands = _tile_pixels(path)
     height, width = pixels.shape[1:]
-    if (stored := _file_grid(path)) is not None:
+    stored, file_valid = _file_grid(path)
+    if file_valid is not None and file_valid.shape == (height, width):
+        valid = file_valid if valid is None else valid & file_valid
+    if stored is not None:
         crs, transform = stored
         return Chip(pixels, crs, transform, geo.ground_gsd_m(transform, crs, width, height), bands, str(path),
                     valid, georeferenced=True, extras={"grid_convention": "file"})

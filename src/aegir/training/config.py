@@ -57,7 +57,8 @@ class TrainConfig:
     filter_s2_cell: str | None = None  # S2 cell token of any level <= 17: rows inside that cell
     filter_date_from: str | None = None  # metadata.acquired_at >= (ISO date/time, UTC)
     filter_date_to: str | None = None  # metadata.acquired_at < next day of this date (inclusive date)
-    filter_mask_source: list[str] = field(default_factory=list)  # e.g. ground_truth, sam, lakehouse_labels
+    filter_mask_source: list[str] = field(default_factory=list)  # e.g. ground_truth, mask_factory:offline
+    mask_target: str = "auto"  # the mask trained on: auto (truth where a row has it, else generated), truth, generated
     filter_provenance_backend: list[str] = field(default_factory=list)
     stats_max_rows: int = 2048  # rows of the train split used for the per-band mean / std
     num_workers: int = 0
@@ -80,6 +81,8 @@ class TrainConfig:
             raise TrainConfigError(f"arch {self.arch!r} is not one of {', '.join(ARCHITECTURES)}")
         if self.inputs not in INPUTS:
             raise TrainConfigError(f"inputs {self.inputs!r} is not one of {', '.join(INPUTS)}")
+        if self.mask_target not in ("auto", "truth", "generated"):
+            raise TrainConfigError(f"mask_target {self.mask_target!r} is not one of auto, truth, generated")
         if not 1 <= int(self.split_level) <= 17:
             raise TrainConfigError(f"split_level must be 1..17, got {self.split_level}")
         if not (0 <= self.val_fraction and 0 <= self.test_fraction and self.val_fraction + self.test_fraction < 1):

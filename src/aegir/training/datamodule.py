@@ -37,7 +37,7 @@ from aegir.training.lance_tensors import decode_chip_column, training_batch_to_t
 from aegir.utils import s2geometry
 
 SPLITS = ("train", "val", "test")
-READ_COLUMNS = ["uuid", "vhr_image_chip", "generated_mask", "msi_image_chip", "metadata"]
+READ_COLUMNS = ["uuid", "vhr_image_chip", "generated_mask", "truth_mask", "msi_image_chip", "metadata"]
 
 
 # ---- S2 cells and splits -----------------------------------------------------------------------------------
@@ -103,7 +103,7 @@ def _sql_filters(config: TrainConfig) -> dict[str, Any]:
 def select_rows(dataset, config: TrainConfig) -> tuple[pa.Table, str | None]:
     """Metadata of the usable rows (mask present, filters applied) and the SQL part of the filter."""
     clause = lance_io.build_where_clause(_sql_filters(config), dataset.schema)
-    where = "generated_mask IS NOT NULL" + (f" AND {clause}" if clause else "")
+    where = lance_io.mask_target_filter(config.mask_target) + (f" AND {clause}" if clause else "")
     rows = dataset.to_table(
         columns={"uuid": "uuid", "s2": "metadata.s2_token_l17", "acquired_at": "metadata.acquired_at"},
         filter=where,
@@ -173,11 +173,12 @@ class ChipDecoder:
     ``vhr``: the uint8 RGB chips; ``msi``: float32 Sentinel-2 bands on the chip grid; ``vhr+msi``: both stacked
     as float32. Picklable (spawned workers rebuild it)."""
 
-    def __init__(self, inputs: str = "vhr") -> None:
+    def __init__(self, inputs: str = "vhr", mask_target: str = "auto") -> None:
         self.inputs = inputs
+        self.mask_target = mask_target
 
     def __call__(self, batch, **_: Any) -> dict[str, torch.Tensor]:
-        out = training_batch_to_tensors(batch)
+        out = training_batch_to_tensors(batch, self.mask_target)
         if self.inputs == "vhr":
             return out
         msi = decode_msi(batch, tuple(out["mask"].shape[-2:]))
@@ -318,7 +319,8 @@ class LanceSegmentationData(L.LightningDataModule):
         cfg = self.config
         train = split == "train" if train is None else train
         source = LanceDataset(self._dataset, batch_size=cfg.batch_size, columns=READ_COLUMNS,
-                              filter=uuid_filter(self.split.uuids[split]), to_tensor_fn=ChipDecoder(cfg.inputs),
+                              filter=uuid_filter(self.split.uuids[split]),
+                              to_tensor_fn=ChipDecoder(cfg.inputs, cfg.mask_target),
                               shard_granularity="fragment")
         return SplitStream(source, cfg.batch_size, cfg.inputs, train=train, augment=cfg.augment and train,
                            shuffle_buffer=cfg.shuffle_buffer, repeats=cfg.epoch_repeats if train else 1,

@@ -13,6 +13,7 @@ import pyarrow as pa
 import torch
 
 from aegir.store.chip_codec import decode_chip
+from aegir.store.lance_io import training_mask
 
 
 def _column(batch: pa.RecordBatch | dict, name: str) -> pa.Array:
@@ -42,9 +43,11 @@ def decode_chip_column(array: pa.BinaryArray, encodings: list[str], shapes: list
     return np.stack([decode_chip(b, e, shape, dtype) for b, e in zip(array.to_pylist(), encodings)])
 
 
-def training_batch_to_tensors(batch: pa.RecordBatch | dict, **_: Any) -> dict[str, torch.Tensor]:
+def training_batch_to_tensors(batch: pa.RecordBatch | dict, mask_target: str = "auto", **_: Any
+                              ) -> dict[str, torch.Tensor]:
     """``image`` (B, C, H, W) uint8/float and ``mask`` (B, H, W) uint8 (0/1) from a batch with ``vhr_image_chip``,
-    ``generated_mask`` and ``metadata`` columns."""
+    ``generated_mask`` (and ``truth_mask``) and ``metadata`` columns; ``mask_target`` picks the mask
+    (:func:`aegir.store.lance_io.training_mask`: by default the truth where a row has it)."""
     meta = _column(batch, "metadata")
     image = decode_chip_column(
         _column(batch, "vhr_image_chip"),
@@ -53,7 +56,7 @@ def training_batch_to_tensors(batch: pa.RecordBatch | dict, **_: Any) -> dict[st
         meta.field("vhr_dtype").to_pylist(),
     )
     mask = decode_chip_column(
-        _column(batch, "generated_mask"),
+        training_mask(batch, mask_target),
         meta.field("mask_encoding").to_pylist(),
         meta.field("mask_shape").to_pylist(),
         ["uint8"] * len(meta),

@@ -48,7 +48,7 @@ from aegir.training.datamodule import SPLITS, make_splits, uuid_filter
 from aegir.training.lance_tensors import training_batch_to_tensors
 
 CLASS_NAMES = {0: "pv"}
-READ_COLUMNS = ["uuid", "vhr_image_chip", "generated_mask", "metadata"]
+READ_COLUMNS = ["uuid", "vhr_image_chip", "generated_mask", "truth_mask", "metadata"]
 INSTALL_HINT = ("ultralytics is not installed; install the `yolo` extra and ultralytics without its opencv-python "
                 "dependency: pip install -e '.[yolo]' && pip install --no-deps ultralytics==8.4.190")
 

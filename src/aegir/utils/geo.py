@@ -23,6 +23,8 @@ derives a north-up grid from them. Both are approximations, so chips built on th
 
 from __future__ import annotations
 
+import functools
+
 import math
 import re
 from dataclasses import dataclass
@@ -135,12 +137,22 @@ def named_tile_grid(tile: TileName, width: int | None = None, height: int | None
     return TileGrid(WEB_MERCATOR, transform, width, height, gsd, "google_static_z19_name_centre_webmercator", None)
 
 
+@functools.lru_cache(maxsize=256)
+def _transformer(src: str, dst: str) -> Transformer:
+    """A cached always-xy Transformer between two CRSs given as WKT / user-input text."""
+    return Transformer.from_crs(src, dst, always_xy=True)
+
+
+def _crs_key(crs: CRS | str) -> str:
+    return crs if isinstance(crs, str) else crs.to_wkt()
+
+
 def pixel_to_lonlat(
     transform: Affine, crs: CRS, col: float | np.ndarray, row: float | np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Lon/lat (EPSG:4326 degrees) of pixel coordinates (col, row); integers are corners, +0.5 the centre."""
     x, y = transform @ (np.asarray(col, dtype=np.float64), np.asarray(row, dtype=np.float64))
-    lon, lat = Transformer.from_crs(crs, WGS84, always_xy=True).transform(x, y)
+    lon, lat = _transformer(_crs_key(crs), _crs_key(WGS84)).transform(x, y)
     return np.asarray(lon), np.asarray(lat)
 
 
@@ -148,7 +160,7 @@ def lonlat_to_pixel(
     transform: Affine, crs: CRS, lon: float | np.ndarray, lat: float | np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Fractional pixel coordinates (col, row) of EPSG:4326 lon/lat on the grid (``transform``, ``crs``)."""
-    x, y = Transformer.from_crs(WGS84, crs, always_xy=True).transform(
+    x, y = _transformer(_crs_key(WGS84), _crs_key(crs)).transform(
         np.asarray(lon, dtype=np.float64), np.asarray(lat, dtype=np.float64)
     )
     col, row = ~transform @ (np.asarray(x), np.asarray(y))

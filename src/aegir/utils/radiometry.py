@@ -49,6 +49,29 @@ def processing_baseline(text: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
+def baseline_text(text: str) -> str:
+    """A processing baseline as ESA writes it in the product metadata, ``"NN.NN"`` (``"04.00"``, ``"02.09"``),
+    stripped of surrounding blanks; anything else is a :class:`RadiometryError`."""
+    stripped = text.strip() if isinstance(text, str) else ""
+    if re.fullmatch(r"\d{2}\.\d{2}", stripped) is None:
+        raise RadiometryError(
+            f"processing baseline {text!r}: expected NN.NN, e.g. 04.00 (products processed from 2022-01-25 on) "
+            "or 02.09 (before)"
+        )
+    return stripped
+
+
+def product_level_of(text: str) -> str | None:
+    """``"L1C"`` / ``"L2A"`` from the ways Sentinel-2 metadata writes the level (``L1C``, ``Level-1C``,
+    ``S2MSI1C``, ``L2A``, ``Level-2A``, ``S2MSI2A``, ``S2MSI2Ap``; any case), None when it names neither."""
+    key = re.sub(r"[\s_-]", "", str(text)).upper()
+    if key in ("L1C", "LEVEL1C", "S2MSI1C"):
+        return "L1C"
+    if key in ("L2A", "LEVEL2A", "S2MSI2A", "S2MSI2AP"):
+        return "L2A"
+    return None
+
+
 def dn_offset(product_level: str = "L1C", baseline: str | None = None) -> float:
     """DN offset (DN units) added before dividing by 10000: RADIO_ADD_OFFSET (L1C) or BOA_ADD_OFFSET (L2A).
 

@@ -8,7 +8,7 @@ credential chain). Extensions are loaded from the ``duckdb-extension-*`` registr
 
 Every write is one DuckLake transaction: a killed process leaves the lakehouse at its last snapshot.
 Modules: :mod:`.connection` (connect, table helpers, snapshots), :mod:`.labels` (label tables, quarantine,
-:class:`LabelQuery`), :mod:`.plans` (grid plans and their cell ledger), :mod:`.predictions` (``predicted_pv``).
+:class:`LabelQuery`), :mod:`.imagery` (the imagery catalog, the label × image join, build records), :mod:`.plans` (grid plans and their cell ledger), :mod:`.predictions` (``predicted_pv``).
 :class:`StoreError` is the store layer's base error (:mod:`aegir.store.errors`), raised here as it always was.
 """
 
@@ -22,6 +22,18 @@ from aegir.store.ducklake.connection import (
     s3_secret_statement,
     snapshots,
     table_exists,
+)
+from aegir.store.ducklake.imagery import (
+    BUILDS_TABLE,
+    IMAGERY_QUARANTINE_TABLE,
+    IMAGERY_TABLE,
+    ImageryCommit,
+    label_image_pairs,
+    read_build,
+    read_imagery,
+    read_imagery_quarantine,
+    record_build,
+    write_imagery,
 )
 from aegir.store.ducklake.labels import (
     LABEL_COLUMNS,
@@ -57,6 +69,16 @@ from aegir.store.ducklake.predictions import (
 from aegir.store.errors import StoreError
 
 __all__ = [
+    "BUILDS_TABLE",
+    "IMAGERY_QUARANTINE_TABLE",
+    "IMAGERY_TABLE",
+    "ImageryCommit",
+    "label_image_pairs",
+    "read_build",
+    "read_imagery",
+    "read_imagery_quarantine",
+    "record_build",
+    "write_imagery",
     "ExtensionMissingError",
     "ImportCommit",
     "LABEL_COLUMNS",

@@ -14,7 +14,13 @@ import pyarrow as pa
 
 from aegir.config import Settings
 from aegir.store import sql
-from aegir.store.ducklake.connection import current_snapshot_id, insert_new_rows, qualified, table_exists
+from aegir.store.ducklake.connection import (
+    current_snapshot_id,
+    insert_new_rows,
+    qualified,
+    table_columns,
+    table_exists,
+)
 from aegir.store.errors import StoreError
 
 QUARANTINE_TABLE = "quarantine"
@@ -27,6 +33,11 @@ LABEL_COLUMNS = (
     "row_hash, dataset_name, source_file, source_row, geometry_wkb, area_m2, centroid_lat, centroid_lon, "
     + ", ".join(f"s2_token_l{level}" for level in LABEL_S2_LEVELS) + f", h3_{LABEL_H3_RESOLUTION}, label_date"
 )
+
+
+# A label attribute naming the image (file stem or name) a label was drawn on: the label × image join keeps such a
+# label on that image only (see aegir.dataflows.label_image_join.assigned_pairs).
+IMAGE_HINT_COLUMN = "image"
 
 
 def label_table_name(dataset: str) -> str:
@@ -173,8 +184,15 @@ def _label_filters(query: LabelQuery) -> tuple[str, list]:
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
 
+def _image_hint(con: duckdb.DuckDBPyConnection, settings: Settings, table: str) -> str:
+    """SQL for the label's :data:`IMAGE_HINT_COLUMN` as text, or NULL when the table has no such column."""
+    columns = table_columns(con, settings, table)
+    return f'CAST("{IMAGE_HINT_COLUMN}" AS VARCHAR)' if IMAGE_HINT_COLUMN in columns else "CAST(NULL AS VARCHAR)"
+
+
 def query_labels(con: duckdb.DuckDBPyConnection, settings: Settings, query: LabelQuery) -> pa.Table:
-    """Label rows (LABEL_COLUMNS) from the requested datasets (all when empty) matching the filters.
+    """Label rows (LABEL_COLUMNS, plus ``image_hint``: the file's ``image`` attribute when it has one) from the
+    requested datasets (all when empty) matching the filters.
 
     Values are bound as parameters or written by :mod:`aegir.store.sql`; dataset names are validated, so no user
     text reaches SQL unquoted.
@@ -187,7 +205,8 @@ def query_labels(con: duckdb.DuckDBPyConnection, settings: Settings, query: Labe
         raise StoreError("the lakehouse holds no label tables yet; import some with `aegir labels import`")
     where, params = _label_filters(query)
     union = " UNION ALL ".join(
-        f"SELECT {LABEL_COLUMNS} FROM {qualified(settings, t)}{where}" for t in tables
+        f"SELECT {LABEL_COLUMNS}, {_image_hint(con, settings, t)} AS image_hint FROM {qualified(settings, t)}{where}"
+        for t in tables
     )
     statement = f"SELECT * FROM ({union}) ORDER BY dataset_name, source_row"
     if query.limit is not None:

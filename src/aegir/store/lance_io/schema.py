@@ -46,6 +46,32 @@ PROVENANCE_TYPE = pa.struct(
 )
 
 
+# Where a row's mask came from, end to end (rows built from the lakehouse; null for other builds): the labels
+# (dataset + row_hash) and DuckLake snapshot, the catalogued image, every prompt in the row's pixel grid
+# (``prompts_json``: [{dataset, row_hash, kind, box [x0, y0, x1, y1] | point [x, y], clipped}]), the Mask Factory
+# backend with version and parameters, and the build (``build_id``: its record in the lakehouse's
+# ``dataset_builds`` table pairs the Lance version with the DuckLake snapshot).
+LINEAGE_TYPE = pa.struct(
+    [
+        pa.field("label_datasets", pa.list_(pa.string())),
+        pa.field("label_row_hashes", pa.list_(pa.string())),
+        pa.field("ducklake_snapshot_id", pa.int64()),
+        pa.field("image_id", pa.string()),
+        pa.field("image_uri", pa.string()),
+        pa.field("prompt_kinds", pa.list_(pa.string())),
+        pa.field("prompts_json", pa.string()),
+        pa.field("backend", pa.string()),
+        pa.field("backend_version", pa.string()),
+        pa.field("backend_params_json", pa.string()),
+        pa.field("build_id", pa.string()),
+        pa.field("built_at", _UTC_US),
+    ]
+)
+# Columns added after the first tables were written: :func:`aegir.store.lance_io.table.open_training_table` adds
+# them (all null) to an older table, so a table built before them keeps working.
+ADDED_COLUMNS: tuple[pa.Field, ...] = (pa.field("truth_mask", pa.binary()), pa.field("lineage", LINEAGE_TYPE))
+
+
 def metadata_type(s2_levels: Sequence[int] = DEFAULT_S2_LEVELS, h3_resolution: int = DEFAULT_H3_RESOLUTION
                   ) -> pa.StructType:
     """The ``metadata`` struct with one ``s2_token_l<level>`` field per level (ascending) and ``h3_<resolution>``."""
@@ -80,7 +106,13 @@ def metadata_type(s2_levels: Sequence[int] = DEFAULT_S2_LEVELS, h3_resolution: i
 
 def training_data_schema(s2_levels: Sequence[int] = DEFAULT_S2_LEVELS, h3_resolution: int = DEFAULT_H3_RESOLUTION
                          ) -> pa.Schema:
-    """The ``training_data`` table schema for these S2 levels and H3 resolution."""
+    """The ``training_data`` table schema for these S2 levels and H3 resolution.
+
+    Masks: ``truth_mask`` holds a dataset's own pixel ground truth and is only written by ground-truth builds;
+    ``generated_mask`` holds a mask made by the Mask Factory or the flywheel and never replaces ``truth_mask``.
+    Both use ``metadata.mask_encoding`` / ``mask_shape`` (the chip's grid); ``metadata.mask_source`` names where
+    the generated mask came from (``ground_truth`` when the row has only truth). The training target is chosen by
+    :data:`MASK_TARGETS` (default ``auto``: the truth where a row has it, else the generated mask)."""
     return pa.schema(
         [
             pa.field("uuid", pa.string(), nullable=False),
@@ -89,8 +121,40 @@ def training_data_schema(s2_levels: Sequence[int] = DEFAULT_S2_LEVELS, h3_resolu
             pa.field("generated_mask", pa.binary()),
             pa.field("msi_image_chip", pa.binary()),
             pa.field("metadata", metadata_type(s2_levels, h3_resolution), nullable=False),
+            *ADDED_COLUMNS,
         ]
     )
+
+
+MASK_TARGETS = ("auto", "truth", "generated")
+
+
+def mask_target_filter(target: str = "auto") -> str:
+    """Lance SQL selecting rows that have a training mask for ``target`` (one of :data:`MASK_TARGETS`)."""
+    if target not in MASK_TARGETS:
+        raise StoreError(f"mask target {target!r} must be one of {', '.join(MASK_TARGETS)}")
+    return {"auto": "(truth_mask IS NOT NULL OR generated_mask IS NOT NULL)", "truth": "truth_mask IS NOT NULL",
+            "generated": "generated_mask IS NOT NULL"}[target]
+
+
+def training_mask(batch: pa.Table | pa.RecordBatch | dict, target: str = "auto") -> pa.Array:
+    """The training-target mask bytes of every row of ``batch`` for ``target`` (see :data:`MASK_TARGETS`):
+    ``auto`` takes ``truth_mask`` where a row has one, else ``generated_mask``; a batch without
+    ``truth_mask`` (an older read) uses ``generated_mask``. Null where the row has no such mask."""
+    import pyarrow.compute as pc
+
+    mask_target_filter(target)
+    names = batch.column_names if hasattr(batch, "column_names") else list(batch)
+
+    def column(name: str) -> pa.Array:
+        array = batch[name]
+        return array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
+
+    if "truth_mask" not in names or target == "generated":
+        return column("generated_mask")
+    if target == "truth":
+        return column("truth_mask")
+    return pc.coalesce(column("truth_mask"), column("generated_mask"))
 
 
 def index_columns(s2_levels: Sequence[int] = DEFAULT_S2_LEVELS) -> tuple[str, ...]:

@@ -7,7 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import lancedb
+import numpy as np
 
+from aegir.store.lance_io.filters import build_where_clause
+
+from aegir.store.lance_io.schema import mask_target_filter
 from aegir.store.lance_io.table import is_local, local_path
 
 
@@ -19,7 +23,7 @@ def table_summary(table: lancedb.table.Table) -> dict[str, Any]:
     """Rows, version, version count, bytes on disk (None when remote), S2 l13 cells, datasets, masks."""
     rows = table.count_rows()
     cols = table.search().select(["metadata.dataset", "metadata.s2_token_l13"]).limit(None).to_arrow()
-    with_mask = table.count_rows("generated_mask IS NOT NULL") if rows else 0
+    with_mask = table.count_rows(mask_target_filter("auto")) if rows else 0
     size = _dir_size(local_path(table.uri)) if is_local(table.uri) else None
     return {
         "rows": rows,
@@ -43,3 +47,19 @@ def class_balance(table: lancedb.table.Table) -> dict[str, Any]:
         "rows_with_empty_mask": int((fractions == 0).sum()),
         "mean_pv_fraction": float(fractions.mean()) if fractions.size else None,
     }
+
+
+def stored_truth_masks(table: lancedb.table.Table, dataset: str, sample_ids: list[str]) -> dict[str, np.ndarray]:
+    """{sample_id: (H, W) uint8 ground truth} of the rows of ``dataset`` with these sample ids that hold one."""
+    from aegir.store.chip_codec import decode_chip  # chip_codec imports this package
+
+    if not sample_ids or table.count_rows() == 0:
+        return {}
+    where = build_where_clause({"metadata.dataset": dataset, "metadata.sample_id": list(sample_ids)}, table.schema)
+    rows = table.search().where(f"truth_mask IS NOT NULL AND {where}").select(
+        ["truth_mask", "metadata"]).limit(None).to_arrow().to_pylist()
+    out = {}
+    for row in rows:
+        meta = row["metadata"]
+        out[meta["sample_id"]] = decode_chip(row["truth_mask"], meta["mask_encoding"], meta["mask_shape"], "uint8")
+    return out

@@ -23,10 +23,12 @@ from lancedb.index import BTree
 
 from aegir.config import DEFAULT_H3_RESOLUTION, DEFAULT_S2_LEVELS
 from aegir.store.lance_io.schema import (
+    ADDED_COLUMNS,
     DATA_STORAGE_VERSION,
     DEFAULT_TABLE,
     StoreError,
     index_columns,
+    leaf_types,
     schema_of,
     schema_problems,
     stored_s2_levels,
@@ -113,6 +115,11 @@ def open_training_table(
             storage_options={"new_table_data_storage_version": DATA_STORAGE_VERSION},
         )
     problems = schema_problems(table.schema)
+    missing = [f for f in ADDED_COLUMNS if f.name not in table.schema.names]
+    added = {f"missing column {path}" for f in missing for path in leaf_types(pa.schema([f]))}
+    if missing and set(problems) <= added:
+        table.add_columns(missing)  # a training table from before these columns: they arrive all null
+        problems = schema_problems(table.schema)
     if problems:
         raise StoreError(f"the table at {location} is not a training_data table: " + "; ".join(problems))
     return table

@@ -116,6 +116,16 @@ def _check_values(table: pa.Table) -> None:
         raise StoreError(f"duplicate uuid {first!r} in one batch (rows {where}); {len(dupes)} uuid(s) repeat")
 
 
+def _fill_null_structs(table: pa.Table) -> pa.Table:
+    """A null top-level ``lineage`` becomes a struct of nulls: Lance file format 2.0 stores no struct validity."""
+    if "lineage" not in table.column_names or table.column("lineage").null_count == 0:
+        return table
+    column = table.column("lineage").combine_chunks()
+    filled = pa.StructArray.from_arrays([column.field(i) for i in range(column.type.num_fields)],
+                                        fields=list(column.type))
+    return table.set_column(table.column_names.index("lineage"), table.schema.field("lineage"), filled)
+
+
 def validate_rows(rows: pa.Table | Sequence[Mapping[str, Any]], schema: pa.Schema = TRAINING_DATA_SCHEMA
                   ) -> pa.Table:
     """Cast ``rows`` to ``schema`` (a training schema, default :data:`TRAINING_DATA_SCHEMA`) and check them;
@@ -128,7 +138,7 @@ def validate_rows(rows: pa.Table | Sequence[Mapping[str, Any]], schema: pa.Schem
         table = rows if rows.schema.equals(schema) else _table_from_dicts(rows.to_pylist(), schema)
     else:
         table = _table_from_dicts(list(rows), schema)
-    table = table.combine_chunks()
+    table = _fill_null_structs(table.combine_chunks())
     all_valid = pa.array(np.ones(table.num_rows, dtype=bool))
     for field in schema:
         _check_nulls(table.column(field.name).combine_chunks(), field, field.name, all_valid)
