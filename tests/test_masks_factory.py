@@ -19,6 +19,7 @@ from aegir.cli import app
 from aegir.dataflows.mask_factory import image_rgb
 from aegir.masks import available_backends, get_backend
 from aegir.masks.base import MaskBackendError
+from aegir.masks.offline import OfflineGrabCutBackend
 from aegir.masks.prompts import PromptError, georeferenced_prompts, pixel_prompts, prompts_to_lonlat
 from aegir.pipelines.dataset import build_dataset_from_images
 from aegir.pipelines.masks import evaluate_masks, generate_masks
@@ -102,11 +103,13 @@ def test_cli_generate_and_evaluate_contract_on_nrel_tiles_with_bad_input(tmp_pat
             assert mask.mode == "L" and mask.size == (640, 640)
             values = np.asarray(mask)
         assert values.dtype == np.uint8 and set(np.unique(values)) <= {0, 255} and values.any()
-        # covers (only) the union of that image's prompts
+        # covers (only) the union of that image's prompts, each grown by at most the backend's band (a box a pixel
+        # or two too tight still gets the whole array; nothing farther out)
+        band = OfflineGrabCutBackend().band_px
         boxes = [list(map(float, r[4:8])) for r in keep if r[0] == name and r[4] != r[6]]
         inside = np.zeros_like(values, bool)
         for x0, y0, x1, y1 in boxes:
-            inside[int(y0):int(y1), int(x0):int(x1)] = True
+            inside[max(int(y0) - band, 0):int(y1) + band, max(int(x0) - band, 0):int(x1) + band] = True
         assert not (values > 0)[~inside].any()
         for x0, y0, x1, y1 in boxes:
             assert (values[int(y0):int(y1), int(x0):int(x1)] > 0).mean() > 0.3

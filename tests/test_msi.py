@@ -647,6 +647,8 @@ def test_mtd_without_a_baseline_needs_the_argument(tmp_path: Path, scene: Path) 
 
 
 def test_hamilton_node_msi_radiometry(scene: Path) -> None:
-    dag = driver.Builder().with_modules(msi).with_adapters(base.DictResult()).build()
+    from aegir.store import msi_metadata
+
+    dag = driver.Builder().with_modules(msi_metadata).with_adapters(base.DictResult()).build()
     result = dag.execute(["msi_radiometry"], inputs={"msi_folder": str(scene), "processing_baseline": "02.09"})
     assert result["msi_radiometry"] == msi.MsiRadiometry("L1C", "02.09", 0.0, "--processing-baseline")

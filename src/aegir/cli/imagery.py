@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.progress import Progress
@@ -20,11 +20,11 @@ imagery_app = typer.Typer(help="The imagery catalog in the lakehouse.", no_args_
 @imagery_app.command("register")
 def imagery_register(
     ctx: typer.Context,
-    paths: Annotated[list[str], typer.Argument(help="GeoTIFF/COG/PNG/BMP files, folders (recursive), STAC catalog JSON, Sentinel-2 band folders.")],
+    paths: Annotated[list[str], typer.Argument(help="GeoTIFF/COG/PNG/BMP files, folders (recursive), STAC catalog JSON, EarthView Parquet shards, Sentinel-2 band folders.")],
     dataset: Annotated[str, typer.Option(help="Catalog dataset name (lower-case letters, digits, _).")] = "imagery",
-    truth_masks: Annotated[Optional[Path], typer.Option(help="Folder of pixel ground-truth masks matched by file stem.")] = None,
+    truth_masks: Annotated[Path | None, typer.Option(help="Folder of pixel ground-truth masks matched by file stem.")] = None,
     allow_pixel_grid: Annotated[bool, typer.Option("--allow-pixel-grid", help="Keep images without any georeference on a bare pixel grid instead of quarantining them.")] = False,
-    processing_baseline: Annotated[Optional[str], typer.Option(help="Sentinel-2: processing baseline (NN.NN) when the product metadata has none.")] = None,
+    processing_baseline: Annotated[str | None, typer.Option(help="Sentinel-2: processing baseline (NN.NN) when the product metadata has none.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Register images (idempotent: same file → same row); unusable files are quarantined with the reason."""
@@ -50,7 +50,7 @@ def imagery_register(
 @imagery_app.command("list")
 def imagery_list(
     ctx: typer.Context,
-    dataset: Annotated[Optional[str], typer.Option(help="Only this catalog dataset.")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Only this catalog dataset.")] = None,
     quarantine: Annotated[bool, typer.Option("--quarantine", help="List quarantined files instead.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (one object per image).")] = False,
 ) -> None:

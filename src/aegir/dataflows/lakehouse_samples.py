@@ -128,11 +128,11 @@ def lakehouse_samples(image_chip: Chip, catalog_prompt_rows: pa.Table, prompt_se
     image_id = rows[0]["image_id"] if rows else None
     datasets = "+".join(sorted({r["dataset"] for r in rows}))
     chips, masks, truth = [], {}, {}
+    spans = [prompts.pixel_slices(k) for k in range(len(prompts))]
+    extents = np.array([(c.start, r.start, c.stop, r.stop) for r, c in spans], dtype=np.int64).reshape(-1, 4)
     for col0, row0, width, height, centre in sample_windows:
-        window = shapely.box(col0, row0, col0 + width, row0 + height)
-        members = [k for k in range(len(prompts)) if window.intersects(shapely.box(
-            prompts.pixel_slices(k)[1].start, prompts.pixel_slices(k)[0].start,
-            prompts.pixel_slices(k)[1].stop, prompts.pixel_slices(k)[0].stop))]
+        members = np.flatnonzero((extents[:, 0] < col0 + width) & (extents[:, 2] > col0)
+                                 & (extents[:, 1] < row0 + height) & (extents[:, 3] > row0)).tolist()
         union = prompt_masks.masks[members].any(axis=0) if members else np.zeros(prompt_masks.masks.shape[1:], bool)
         key = "whole" if centre is None else rows[centre]["row_hash"]
         sample_id = str(uuid.uuid5(LAKEHOUSE_NAMESPACE, f"{datasets}:{image_id}:{key}"))

@@ -10,9 +10,10 @@ pass (prompts in pixel coordinates).
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pyarrow as pa
 
@@ -83,7 +84,7 @@ def register_imagery(settings: Settings, paths: Sequence[str | Path], dataset: s
             else:
                 seen_ids[item.image_id] = item.uri
                 headers.append(item)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     rows = run_stage("imagery_catalog", ["imagery_rows"], {
         "image_headers": headers, "dataset_name": dataset, "s2_levels": tuple(settings.s2_levels),
         "registered_at": now})["imagery_rows"]

@@ -12,9 +12,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -110,7 +111,7 @@ def build_training_from_lakehouse(
     prompts = _prompt_rows_with_labels(joined.prompts, joined.labels)
     table = lance_io.open_training_table(uri, settings.lancedb_root, s2_levels=settings.s2_levels,
                                          h3_resolution=settings.h3_resolution)
-    build_id, started = str(uuid.uuid4()), dt.datetime.now(dt.timezone.utc)
+    build_id, started = str(uuid.uuid4()), dt.datetime.now(dt.UTC)
     lineage = {"ducklake_snapshot_id": joined.snapshot_id, "build_id": build_id, "backend": model.name,
                "backend_version": model.version, "backend_params_json": json.dumps(model.params, sort_keys=True,
                                                                                    default=str)}
@@ -156,7 +157,7 @@ def _record(settings: Settings, table: Any, build_id: str, snapshot: int, datase
         "ducklake_snapshot_id": [int(snapshot)], "dataset": [dataset],
         "params_json": [json.dumps(params, sort_keys=True, default=str)], "rows_inserted": [totals[0]],
         "rows_updated": [totals[1]], "started_at": pa.array([started], pa.timestamp("us", tz="UTC")),
-        "finished_at": pa.array([dt.datetime.now(dt.timezone.utc)], pa.timestamp("us", tz="UTC"))})
+        "finished_at": pa.array([dt.datetime.now(dt.UTC)], pa.timestamp("us", tz="UTC"))})
     con = ducklake.connect(settings)
     try:
         ducklake.record_build(con, settings, record)
@@ -186,13 +187,59 @@ def row_lineage(settings: Settings, sample_uuid: str, uri: str | None = None) ->
     return out
 
 
+@dataclass(frozen=True)
+class _Grid:
+    """An image's grid for export: CRS (None on a pixel grid), transform, size, whether it is georeferenced."""
+
+    name: str
+    crs: Any
+    transform: Any
+    width: int
+    height: int
+    georeferenced: bool
+
+
+def _export_name(uri: str) -> str:
+    """``<stem>`` of a file, ``<shard stem>_row<i>_rev<r>`` of an EarthView catalog uri."""
+    path, _, fragment = uri.partition("#")
+    if not fragment:
+        return Path(path).stem
+    return f"{Path(path).stem}_" + "_".join(part.replace("=", "").replace("revisit", "rev")
+                                            for part in fragment.split("&"))
+
+
+def _catalog_grids(settings: Settings, image_ids: set[str]) -> dict[str, _Grid]:
+    """The catalogued grid of each image id (uri → grid)."""
+    from affine import Affine
+    from rasterio.crs import CRS
+
+    if not image_ids:
+        return {}
+    con = ducklake.connect(settings)
+    try:
+        rows = ducklake.read_imagery(con, settings, sorted(image_ids)).to_pylist()
+    finally:
+        con.close()
+    return {r["uri"]: _Grid(_export_name(r["uri"]), CRS.from_user_input(r["crs"]) if r["crs"] else None,
+                            Affine(*r["transform"]), r["width"], r["height"], bool(r["georeferenced"]))
+            for r in rows}
+
+
+def _file_grid(source: str) -> _Grid:
+    from aegir.store.imagery_files import raster_header
+
+    header = raster_header(source, allow_pixel_grid=True)
+    return _Grid(_export_name(source), header.crs, header.transform, header.width, header.height,
+                 header.grid_convention == "file")
+
+
 def export_masks(settings: Settings, out_dir: str | Path, uri: str | None = None, dataset: str | None = None,
                  mask_target: str = "generated") -> dict:
-    """Burn the rows' masks back onto each source image's grid: ``OUT/<image stem>.png`` (0/255, the image's size)
-    and ``OUT/<image stem>.tif`` for images with a stored georeference. Returns {written, rows, skipped}."""
+    """Burn the rows' masks back onto each source image's grid (the catalogued grid for lakehouse rows, the file's
+    for others): ``OUT/<image stem>.png`` (0/255, the image's size) and ``OUT/<image stem>.tif`` for images with a
+    stored georeference. Returns {written, rows, skipped, out_dir}."""
     from aegir.store import mask_files
     from aegir.store.chip_codec import decode_chip
-    from aegir.store.imagery_files import raster_header
 
     table = lance_io.open_training_table(uri, settings.lancedb_root, create=False)
     where = lance_io.mask_target_filter(mask_target)
@@ -201,34 +248,35 @@ def export_masks(settings: Settings, out_dir: str | Path, uri: str | None = None
     rows = table.search().where(where).select(["generated_mask", "truth_mask", "metadata", "lineage"]).limit(
         None).to_arrow()
     masks = lance_io.training_mask(rows, mask_target).to_pylist()
-    canvases: dict[str, tuple[Any, np.ndarray]] = {}
+    metas, lineages = rows["metadata"].to_pylist(), [x or {} for x in rows["lineage"].to_pylist()]
+    grids = _catalog_grids(settings, {x["image_id"] for x in lineages if x.get("image_id")})
+    canvases: dict[str, tuple[_Grid | None, np.ndarray | None]] = {}
     skipped: list[dict] = []
-    for stored, meta, lineage in zip(masks, rows["metadata"].to_pylist(), rows["lineage"].to_pylist()):
-        source = (lineage or {}).get("image_uri") or meta["source_file"]
+    for stored, meta, lineage in zip(masks, metas, lineages):
+        source = lineage.get("image_uri") or meta["source_file"]
         if source not in canvases:
             try:
-                canvases[source] = (header := raster_header(source, allow_pixel_grid=True),
-                                    np.zeros((header.height, header.width), np.uint8))
+                grid = grids.get(source) or _file_grid(source)
+                canvases[source] = (grid, np.zeros((grid.height, grid.width), np.uint8))
             except ImageryError as exc:
                 skipped.append({"file": source, "reason": str(exc).removeprefix(f"{source}: ")})
                 canvases[source] = (None, None)
-        header, canvas = canvases[source]
-        if header is None:
+        grid, canvas = canvases[source]
+        if grid is None:
             continue
         mask = decode_chip(stored, meta["mask_encoding"], meta["mask_shape"], "uint8") > 0
-        col, row = ~header.transform @ (meta["transform"][2], meta["transform"][5])
-        col0, row0 = int(round(col)), int(round(row))
+        col, row = ~grid.transform @ (meta["transform"][2], meta["transform"][5])
+        col0, row0 = round(col), round(row)
         r0, c0 = max(row0, 0), max(col0, 0)
-        r1, c1 = min(row0 + mask.shape[0], header.height), min(col0 + mask.shape[1], header.width)
+        r1, c1 = min(row0 + mask.shape[0], grid.height), min(col0 + mask.shape[1], grid.width)
         if r1 > r0 and c1 > c0:
             canvas[r0:r1, c0:c1] |= mask[r0 - row0:r1 - row0, c0 - col0:c1 - col0]
     out, written = Path(out_dir), {}
-    for source, (header, canvas) in canvases.items():
-        if header is None:
+    for source, (grid, canvas) in canvases.items():
+        if grid is None:
             continue
-        stem = Path(source).stem
-        written[stem] = str(mask_files.write_mask_png(canvas, out / f"{stem}.png"))
-        if header.grid_convention == "file":
-            chip = Chip(canvas[None], header.crs, header.transform, float("nan"), ("mask",), source)
-            mask_files.write_mask_geotiff(canvas, chip, out / f"{stem}.tif")
+        written[grid.name] = str(mask_files.write_mask_png(canvas, out / f"{grid.name}.png"))
+        if grid.georeferenced and grid.crs is not None:
+            chip = Chip(canvas[None], grid.crs, grid.transform, float("nan"), ("mask",), source)
+            mask_files.write_mask_geotiff(canvas, chip, out / f"{grid.name}.tif")
     return {"written": written, "rows": rows.num_rows, "skipped": skipped, "out_dir": str(out)}

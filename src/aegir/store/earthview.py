@@ -23,7 +23,7 @@ a whole 110 km S2 tile fails loudly rather than producing a wrong grid).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import fsspec
 import numpy as np
@@ -251,3 +251,61 @@ def earthview_chips(
                         "metadata": meta},
             ))
     return chips
+
+
+# ---- single rows, for the imagery catalog (one image per row and revisit) ------------------------------------
+
+_ALL_PRODUCTS = {product for subset in PRODUCTS.values() for product in subset}
+_SENTINEL2_ONLY = set(PRODUCTS["sentinel_2"]) - set(PRODUCTS["satellogic"])
+
+
+def looks_like_earthview(column_names: Sequence[str]) -> bool:
+    """True when a Parquet schema has EarthView's ``metadata`` column and at least one product column."""
+    return "metadata" in column_names and bool(_ALL_PRODUCTS & set(column_names))
+
+
+def earthview_row_layout(earthview_table: pa.Table, row: int = 0) -> tuple[str, tuple[str, ...]]:
+    """(subset, products) of one row as the catalog stacks it: Sentinel-2 when an S2-only product column is
+    present (or, for an rgb-only shard, the row's metadata has ``tileGeometry``), else Satellogic; the subset's
+    default products that are present, else the present ones of the finest GSD. ValueError when not EarthView."""
+    columns = set(earthview_table.column_names)
+    if not looks_like_earthview(earthview_table.column_names):
+        raise ValueError(f"not an EarthView shard (columns {sorted(columns)})")
+    if columns & _SENTINEL2_ONLY:
+        subset = "sentinel_2"
+    elif "1m" in columns:
+        subset = "satellogic"
+    else:
+        subset = "sentinel_2" if "tileGeometry" in _metadata(earthview_table, row) else "satellogic"
+    products = tuple(p for p in DEFAULT_PRODUCTS[subset] if p in columns)
+    if not products:
+        present = [p for p in PRODUCTS[subset] if p in columns]
+        finest = min(PRODUCTS[subset][p][0] for p in present)
+        products = tuple(p for p in present if PRODUCTS[subset][p][0] == finest)
+    return subset, products
+
+
+def earthview_shard_rows(earthview_source: str, rows: Sequence[int] | None = None) -> Iterator[pa.Table]:
+    """One-row tables (with ``earthview_file`` / ``earthview_row``) of one shard, in order — all rows or only
+    ``rows`` — read row group by row group so a large shard is never held whole; ValueError when unreadable."""
+    fs, path = fsspec.core.url_to_fs(earthview_source)
+    name = fs.unstrip_protocol(path)
+    wanted = None if rows is None else set(rows)
+    try:
+        with fs.open(path, "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            if "metadata" not in parquet.schema_arrow.names:
+                raise ValueError(f"{name}: not an EarthView shard (no 'metadata' column)")
+            start = 0
+            for group in range(parquet.num_row_groups):
+                count = parquet.metadata.row_group(group).num_rows
+                picked = [i for i in range(count) if wanted is None or start + i in wanted]
+                if picked:
+                    table = parquet.read_row_group(group)
+                    for i in picked:
+                        one = table.slice(i, 1)
+                        one = one.append_column(FILE_COLUMN, pa.array([name], pa.string()))
+                        yield one.append_column(ROW_COLUMN, pa.array([start + i], pa.int64()))
+                start += count
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise ValueError(f"{name}: cannot read as a Parquet shard ({exc})") from exc

@@ -40,7 +40,7 @@ from aegir.utils import geo
 from aegir.utils.types import Chip
 
 _COLOR_NAMES = {"red", "green", "blue", "alpha", "gray", "grey", "pan"}
-_TILE_SENSORS = {"jiang_pv01": "uav-rgb", "google_static_z19": "aerial-rgb"}
+TILE_SENSORS = {"jiang_pv01": "uav-rgb", "google_static_z19": "aerial-rgb"}
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def raster_window(
     return RasterWindow(crs, center=(x, y), size_px=(int(window_size_px[0]), int(window_size_px[1])))
 
 
-def _dataset_band_names(dataset: rasterio.io.DatasetReader) -> list[str]:
+def dataset_band_names(dataset: rasterio.io.DatasetReader) -> list[str]:
     """Band names: the description, else a colour name (red/green/blue/...), else ``band<i>`` (1-based)."""
     names = []
     for index, (description, interp) in enumerate(zip(dataset.descriptions, dataset.colorinterp), start=1):
@@ -196,7 +196,7 @@ def raster_chip(
 ) -> Chip:
     """One window of ``href`` as a Chip, on the native grid or warped to ``target_crs`` / ``target_gsd_m``."""
     with _open_raster(href) as dataset:
-        names = list(band_names) if band_names and len(band_names) == dataset.count else _dataset_band_names(dataset)
+        names = list(band_names) if band_names and len(band_names) == dataset.count else dataset_band_names(dataset)
         indexes = _band_indexes(href, names, band_selection)
         reproject = target_crs is not None or target_gsd_m is not None
         if reproject:
@@ -300,6 +300,6 @@ def named_tile_chip(tile_path: str, allow_unnamed_tiles: bool = False) -> Chip:
                     georeferenced=False, extras={"grid_convention": "pixel"})
     grid = geo.named_tile_grid(tile, width, height)
     return Chip(pixels, grid.crs, grid.transform, grid.gsd_m, bands, str(path), valid,
-                sensor=_TILE_SENSORS[tile.convention], georeferenced=False,
+                sensor=TILE_SENSORS[tile.convention], georeferenced=False,
                 extras={"grid_convention": grid.convention, "position_uncertainty_m": grid.position_uncertainty_m,
                         "center_lonlat": (tile.lon, tile.lat)})

@@ -9,8 +9,8 @@ exact ``ST_Intersects`` of label and footprint; ``inside`` says whether the labe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import duckdb
 import pyarrow as pa
