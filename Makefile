@@ -34,13 +34,13 @@ run: install
 	$(BIN)/aegir imagery register $(JIANG)/images --dataset jiang_pv01 --truth-masks $(JIANG)/masks
 	$(BIN)/aegir imagery register $(NREL)/sol-searcher_data_examples --dataset austin
 	$(BIN)/aegir imagery register $(NREL)/sample_data_set/images --dataset nrel --allow-pixel-grid
-	$(BIN)/aegir imagery list --dataset nrel
 	$(BIN)/aegir prompts export --with-imagery --dataset jiang_pv01_polygons --out data/prompts/jiang_pv01_polygons_on_imagery.parquet
 	# training_data from the lakehouse: polygon labels → offline Mask Factory masks, truth kept beside, lineage per row
 	$(BIN)/aegir dataset build --from-lakehouse --dataset jiang_pv01_polygons --imagery jiang_pv01 --whole-images --backend offline
 	$(BIN)/aegir dataset info
 	$(BIN)/aegir dataset export-masks --out data/exported_masks/jiang_pv01_polygons
-	$(BIN)/aegir flywheel --rounds 2 --out data/flywheel
+	# the flywheel keeps its own training_data (seed tiles + backfill) beside its rounds
+	AEGIR_LANCEDB_ROOT=data/flywheel/lancedb $(BIN)/aegir flywheel --rounds 2 --out data/flywheel
 
 # Debian's chromium + chromium-driver drive the `aegir browse` end-to-end test (installed with apt when run as root).
 browser:

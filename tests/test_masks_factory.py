@@ -370,3 +370,26 @@ def test_offline_prior_is_evidence_not_the_answer():
     assert _iou(mask, component) >= 0.8
     with pytest.raises(PromptError):
         pixel_prompts(256, 256, boxes=[box], priors=[prior[:10]])
+
+
+def test_colour_models_of_near_single_colour_components_pass_opencvs_determinant_check():
+    """A component of (nearly) one colour made the real Jiang tile PV01_325123_1204232 crash OpenCV's
+    calcInverseCovAndDeterm with a polygon prior; every fitted covariance now keeps variances ≥ 0.01."""
+    import cv2
+
+    from aegir.masks.offline import _fit_gmm
+
+    rgb = np.asarray(Image.open(JIANG / "images" / "PV01_325123_1204232.bmp").convert("RGB"))
+    rng = np.random.default_rng(0)  # a plane of colours: red and green vary, blue is 250 but for one pixel
+    plane = np.column_stack([rng.integers(0, 40, 400), rng.integers(0, 40, 400), np.full(400, 250)])
+    plane[0, 2] = 251
+    pixels = np.concatenate([rgb.reshape(-1, 3)[:2000], plane]).astype(np.float64)
+    model = _fit_gmm(pixels)
+    covs = model[0, 20:].reshape(5, 3, 3)
+    assert all(np.linalg.eigvalsh(c).min() >= 0.01 - 1e-9 for c in covs)
+    mask = np.full(rgb.shape[:2], cv2.GC_BGD, np.uint8)
+    mask[64:192, 64:192] = cv2.GC_PR_FGD
+    background = _fit_gmm(rgb[:64].reshape(-1, 3).astype(np.float64))
+    cv2.grabCut(np.ascontiguousarray(rgb[..., ::-1]), mask, None, background, model.copy(), 1,
+                cv2.GC_EVAL_FREEZE_MODEL)  # raised before the fix when a component was (nearly) singular
+    assert set(np.unique(mask)) <= {cv2.GC_BGD, cv2.GC_PR_BGD, cv2.GC_PR_FGD}

@@ -242,8 +242,10 @@ def _fit_gmm(pixels: np.ndarray, model: np.ndarray | None = None) -> np.ndarray:
             continue
         weights[k] = len(members) / len(pixels)
         means[k] = members.mean(axis=0)
-        cov = np.cov(members, rowvar=False)
-        covs[k] = cov + np.eye(3) * 0.01 if np.linalg.det(cov) <= 1e-12 else cov
+        values, vectors = np.linalg.eigh(np.cov(members, rowvar=False))
+        # every variance ≥ 0.01 (as OpenCV regularises a singular component): a component of (nearly) one colour
+        # or one plane of colours must not reach OpenCV's determinant check as singular
+        covs[k] = (vectors * np.maximum(values, 0.01)) @ vectors.T
     return np.concatenate([weights, means.ravel(), covs.ravel()])[None, :]
 
 
