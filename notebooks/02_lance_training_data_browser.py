@@ -17,7 +17,7 @@
 # # 02 · Browsing the LanceDB `training_data` table
 #
 # Every training sample of the flywheel is one row of one LanceDB table: the chip bytes (`vhr_image_chip`,
-# optional `msi_image_chip`), the mask (`generated_mask`), the prompt geometry and a `metadata` struct (dataset,
+# optional `msi_image_chip`), the masks (`truth_mask`: a dataset's ground truth; `generated_mask`: the Mask Factory's), the prompt geometry and a `metadata` struct (dataset,
 # S2 tokens at levels 10 / 13 / 17, H3, CRS + transform, mask source, provenance). Every write is a commit, so
 # every training run can pin — and later re-read — exactly the rows it saw.
 #
@@ -198,7 +198,8 @@ display(Image(filename=sheet["contact_sheet"]))
 # Each build step is a commit, and so is each BTREE index build after it (hence more versions than steps;
 # the table below marks the commit of each step). `lance_io.read_version` reads the whole table as of
 # any version without moving the table; here: the 8 rows the Mask Factory rewrote, as they were before (ground
-# truth) and as they are now (offline masks), and how far apart the two are.
+# truth only) and as they are now (an offline mask in `generated_mask`, the truth still in `truth_mask`), and how
+# far apart the two masks are.
 
 # %%
 versions = pd.DataFrame(lance_io.table_versions(table))
@@ -213,8 +214,10 @@ by_uuid_before = {r["uuid"]: r for r in before}
 
 
 def mask_of(row: dict) -> np.ndarray:
+    """The row's newest mask: the generated one where it has one, else its ground truth (kept in `truth_mask`)."""
     meta = row["metadata"]
-    return decode_chip(row["generated_mask"], meta["mask_encoding"], meta["mask_shape"], "uint8") > 0
+    stored = row["generated_mask"] or row.get("truth_mask")
+    return decode_chip(stored, meta["mask_encoding"], meta["mask_shape"], "uint8") > 0
 
 
 changed = [r for r in now if r["metadata"]["mask_source"] == "mask_factory:offline"]

@@ -205,7 +205,7 @@ for r in range(6):
         water.append(mask.mean())
 MSI_URI = str(WORK / "lancedb" / "s2_water")
 msi_build = build_dataset_from_images(settings, tiles_dir, masks_dir, MSI_URI, "s2_scene_water",
-                                                msi_dir=str(SCENE))
+                                                msi_dir=str(SCENE), processing_baseline="02.09")
 row = lance_io.open_training_table(MSI_URI, settings.lancedb_root, create=False).to_lance().to_table(
     columns={"msi_shape": "metadata.msi_shape", "msi_bands": "metadata.msi_bands"}, limit=1).to_pylist()[0]
 print(f"{msi_build.inserted} rows, skipped {len(msi_build.skipped)}; msi_image_chip {row['msi_shape']} "

@@ -96,9 +96,9 @@ pd.DataFrame({k: export[k] for k in ("counts", "objects", "empty_labels")})
 # %%
 table = lance_io.open_training_table(URI, settings.lancedb_root, create=False)
 stored = {}
-for row in table.to_lance().to_table(columns=["uuid", "generated_mask", "metadata"]).to_pylist():
+for row in table.to_lance().to_table(columns=["uuid", "truth_mask", "metadata"]).to_pylist():
     meta = row["metadata"]
-    stored[row["uuid"]] = decode_chip(row["generated_mask"], meta["mask_encoding"], meta["mask_shape"], "uint8") > 0
+    stored[row["uuid"]] = decode_chip(row["truth_mask"], meta["mask_encoding"], meta["mask_shape"], "uint8") > 0
 pairs = [(label.stem, yb.polygons_to_mask(yolo_files.read_label_polygons(label), stored[label.stem].shape) > 0,
           stored[label.stem]) for label in sorted(EXPORT.glob("labels/*/*.txt"))]
 round_trip = mask_set_metrics(pairs)
