@@ -146,7 +146,7 @@ def build_training_from_lakehouse(
     _record(settings, table, build_id, joined.snapshot_id, dataset, params, totals, started)
     root, table_name = lance_io.resolve_table_location(uri, settings.lancedb_root)
     return LakehouseBuildReport(f"{root}/{table_name}", totals[0], totals[1], table.version, build_id,
-                                joined.snapshot_id, joined.catalog.num_rows, joined.prompts.num_rows,
+                                joined.snapshot_id, len(set(image_ids.tolist())), joined.prompts.num_rows,
                                 joined.without_imagery, skipped)
 
 
