@@ -16,7 +16,6 @@ Two passes around the store's spatial join (:func:`aegir.store.ducklake.label_im
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ from affine import Affine
 from rasterio.crs import CRS
 
 from aegir.dataflows.imagery_catalog import COVER_LEVEL
-from aegir.dataflows.label_prompts import PROMPT_NAMESPACE
+from aegir.dataflows.label_prompts import prompt_uuid
 from aegir.utils import geo, s2geometry
 
 BOX_FILL = 0.95  # a polygon filling this share of its pixel box is a box label
@@ -78,7 +77,7 @@ def label_geometry_table(label_records: pa.Table) -> pa.Table:
                      "geometry_wkb": label_records["geometry_wkb"]})
 
 
-def _to_pixels(geometry: shapely.Geometry, transform: Affine, crs: CRS) -> shapely.Geometry:
+def _to_pixels(geometry: shapely.Geometry, transform: Affine, crs: CRS | str) -> shapely.Geometry:
     def convert(xy: np.ndarray) -> np.ndarray:
         col, row = geo.lonlat_to_pixel(transform, crs, xy[:, 0], xy[:, 1])
         return np.column_stack([col, row])
@@ -131,12 +130,12 @@ def assigned_pairs(label_records: pa.Table, label_image_pairs: pa.Table, catalog
     label_image_pairs = _hinted_pairs(label_records, label_image_pairs, catalog_images)
     if image_assignment == "all" or label_image_pairs.num_rows == 0:
         return label_image_pairs
-    order = sorted(range(label_image_pairs.num_rows), key=lambda i: (
-        label_image_pairs["label_index"][i].as_py(), -label_image_pairs["share"][i].as_py(),
-        label_image_pairs["centre_distance"][i].as_py()))
+    labels = label_image_pairs["label_index"].to_pylist()
+    shares, distances = label_image_pairs["share"].to_pylist(), label_image_pairs["centre_distance"].to_pylist()
+    order = sorted(range(len(labels)), key=lambda i: (labels[i], -shares[i], distances[i]))
     seen, keep = set(), []
     for i in order:
-        label = label_image_pairs["label_index"][i].as_py()
+        label = labels[i]
         if label not in seen:
             seen.add(label)
             keep.append(i)
@@ -146,19 +145,20 @@ def assigned_pairs(label_records: pa.Table, label_image_pairs: pa.Table, catalog
 def image_prompts(label_records: pa.Table, label_shapes: np.ndarray, assigned_pairs: pa.Table,
                   catalog_images: pa.Table) -> pa.Table:
     """One prompt per kept (label, image) pair in the image's pixel grid (see the module docstring)."""
-    label_image_pairs = assigned_pairs
     images = {row["image_id"]: row for row in catalog_images.to_pylist()}
+    grids = {image_id: (Affine(*row["transform"]), CRS.from_user_input(row["crs"]).to_wkt())
+             for image_id, row in images.items()}  # once per image, not per pair
+    uuids = prompt_uuid(label_records).to_pylist()
     datasets = label_records["dataset_name"].to_pylist()
     hashes = label_records["row_hash"].to_pylist()
     rows = []
-    for index, image_id, inside in zip(*(label_image_pairs[c].to_pylist() for c in
+    for index, image_id, inside in zip(*(assigned_pairs[c].to_pylist() for c in
                                          ("label_index", "image_id", "inside"))):
         image = images[image_id]
-        transform, crs = Affine(*image["transform"]), CRS.from_user_input(image["crs"])
-        prompt = _prompt_of(_to_pixels(label_shapes[index], transform, crs), image["width"], image["height"])
+        prompt = _prompt_of(_to_pixels(label_shapes[index], *grids[image_id]), image["width"], image["height"])
         if prompt["prompt_kind"] != "point" and np.isnan(prompt["xmin"]):
             continue  # touches the footprint only along an edge: nothing of it on the pixel grid
-        rows.append({"uuid": str(uuid.uuid5(PROMPT_NAMESPACE, f"{datasets[index]}:{hashes[index]}")),
+        rows.append({"uuid": uuids[index],
                      "dataset": datasets[index], "row_hash": hashes[index], "label_index": int(index),
                      "image_id": image_id, "image_uri": image["uri"], "inside": bool(inside), **prompt})
     return pa.Table.from_pylist(rows, schema=IMAGE_PROMPT_SCHEMA)

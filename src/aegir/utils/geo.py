@@ -157,7 +157,7 @@ def pixel_to_lonlat(
 
 
 def lonlat_to_pixel(
-    transform: Affine, crs: CRS, lon: float | np.ndarray, lat: float | np.ndarray
+    transform: Affine, crs: CRS | str, lon: float | np.ndarray, lat: float | np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Fractional pixel coordinates (col, row) of EPSG:4326 lon/lat on the grid (``transform``, ``crs``)."""
     x, y = _transformer(_crs_key(WGS84), _crs_key(crs)).transform(
