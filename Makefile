@@ -39,8 +39,8 @@ run: install
 	$(BIN)/aegir dataset build --from-lakehouse --dataset jiang_pv01_polygons --imagery jiang_pv01 --whole-images --backend offline
 	$(BIN)/aegir dataset info
 	$(BIN)/aegir dataset export-masks --out data/exported_masks/jiang_pv01_polygons
-	# the flywheel keeps its own training_data (seed tiles + backfill) beside its rounds
-	AEGIR_LANCEDB_ROOT=data/flywheel/lancedb $(BIN)/aegir flywheel --rounds 2 --out data/flywheel
+	# the flywheel (shipped defaults: aegir/defaults/flywheel.toml): round 0 + 3 rounds, its own training_data
+	AEGIR_LANCEDB_ROOT=data/flywheel/lancedb $(BIN)/aegir flywheel --out data/flywheel
 
 # Debian's chromium + chromium-driver drive the `aegir browse` end-to-end test (installed with apt when run as root).
 browser:

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from aegir.cli import app
 from aegir.dataflows import backfill, validation
 from aegir.pipelines import embeddings
-from aegir.pipelines.flywheel_steps import detection_tiles
+from aegir.pipelines.embeddings import detection_tiles
 from aegir.pipelines.plan import plan_grid
 from aegir.pipelines.region import infer_region
 from aegir.store import ducklake, embedding_store

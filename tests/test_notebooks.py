@@ -69,13 +69,29 @@ def _check_04(r: dict) -> None:
 
 
 def _check_05(r: dict) -> None:
+    from aegir.store.lance_io import MASK_IGNORE
+
     detections = r["detections"]
     assert detections["total"] > 0 and sum(detections["by_decision"].values()) == detections["total"]
+    assert set(detections["by_decision"]) <= {"accept", "reject", "needs_review"}, detections["by_decision"]
     assert detections["predicted_pv_rows"] == detections["total"] and detections["plan_cells"] >= 1
-    assert r["round"]["mask_factory_mean_iou"] > 0.8 and r["round"]["held_out_pixel_iou"] > 0.5
-    backfill = r["backfill"]
-    assert backfill["version_after"] > backfill["version_trained_on"]
-    assert backfill["backfilled"] + backfill["hard_negatives"] > 0
+    held_out = r["held_out"]
+    assert held_out["test_tiles"] > 0 and held_out["pixel_iou"] > 0.5, held_out
+    gate = r["gate"]
+    assert gate["tiles"] == 12 and gate["candidates"] > 0
+    by_reason = gate["by_reason"]
+    assert sum(by_reason.values()) == gate["candidates"], by_reason
+    assert all(k == "accept" or k.startswith("reject:") for k in by_reason), by_reason
+    assert by_reason.get("accept", 0) == gate["accepted"]
+    windows = gate["windows"]
+    assert {kind: sum(w["kind"] == kind for w in windows) for kind in ("positive", "negative")} == gate["admitted"]
+    assert gate["admitted"]["positive"] == 0 or gate["accepted"] > 0
+    for w in windows:
+        assert set(w["values"]) <= {0, 1, MASK_IGNORE}, w
+        if w["kind"] == "positive":
+            assert w["accepted_inside"] >= 1 and 1 in w["values"], w
+        else:
+            assert w["kind"] == "negative" and w["accepted_inside"] == 0 and 1 not in w["values"], w
 
 
 EXPECTED = {  # notebook → (check of its results.json, shows a folium map)

@@ -44,15 +44,16 @@ def test_cli_quicklook_with_no_matching_rows_writes_nothing(jiang_table, tmp_pat
 
 
 def test_flywheel_summary_plot_renders_every_round(tmp_path):
-    table = [{"round": 1, "val_iou": 0.77, "held_out_pixel_iou": 0.87, "held_out_object_f1": 0.6, "accepted": 442,
-              "rejected": 749, "needs_review": 12},
-             {"round": 2, "val_iou": None, "held_out_pixel_iou": 0.85, "held_out_object_f1": 0.4, "accepted": 6,
-              "rejected": 19, "needs_review": 0}]
+    table = [{"round": 0, "seed_test_iou": 0.86, "target_iou": 0.78, "target_object_f1": 0.15, "transfer_f1": 0.14,
+              "pseudo_positive": 0, "pseudo_negative": 0},
+             {"round": 1, "seed_test_iou": 0.87, "target_iou": None, "target_object_f1": 0.19, "transfer_f1": 0.15,
+              "pseudo_positive": 15, "pseudo_negative": 3}]
     figure = flywheel_summary_figure(table)
     scores, counts = figure.axes
-    assert [line.get_ydata()[1] for line in scores.lines][1:] == [0.85, 0.4]
-    assert np.isnan(scores.lines[0].get_ydata()[1])
-    assert sum(patch.get_height() for patch in counts.patches) == 442 + 749 + 12 + 6 + 19
+    assert [line.get_ydata()[1] for line in scores.lines][:1] + [line.get_ydata()[1] for line in scores.lines][2:] \
+        == [0.87, 0.19, 0.15]
+    assert np.isnan(scores.lines[1].get_ydata()[1])  # no target truth that round: a gap, not a zero
+    assert sum(patch.get_height() for patch in counts.patches) == 15 + 3
     figure.savefig(tmp_path / "plot.png")
     assert Image.open(tmp_path / "plot.png").size == (900, 360)
 

@@ -14,19 +14,25 @@ from aegir.store import ducklake
 
 def flywheel(
     ctx: typer.Context,
-    rounds: Annotated[int, typer.Option(help="Rounds of ingest → masks → dataset → train → infer → validate → embed tiles → mine negatives → find similar → backfill.")] = 2,
-    out: Annotated[Path, typer.Option(help="Run folder: flywheel_state.json (resume), flywheel_rounds.csv/json, round_<k>/.")] = Path("data/flywheel"),
-    config: Annotated[Optional[Path], typer.Option("--config", help="TOML [flywheel] table of FlywheelConfig fields.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="TOML file whose [flywheel] table overrides the shipped defaults (aegir/defaults/flywheel.toml; print them with --show-defaults).")] = None,
+    rounds: Annotated[Optional[int], typer.Option(help="Rounds after round 0 (the seed-only model); default: the config's.")] = None,
+    out: Annotated[Path, typer.Option(help="Run folder: flywheel_state.json (resume), partition.json, flywheel_rounds.csv/json/png, round_<k>/.")] = Path("data/flywheel"),
+    show_defaults: Annotated[bool, typer.Option("--show-defaults", help="Print the shipped flywheel.toml and exit.")] = False,
 ) -> None:
-    """Run the data flywheel N rounds on the embedded defaults; re-running resumes where it stopped."""
-    from aegir.pipelines.flywheel import load_flywheel_config, run_flywheel
+    """Run the data flywheel: round 0 on the labelled seed, then N rounds of gated pseudo-labels and warm-started
+    training, each scored on truth the loop never reads; re-running resumes where it stopped."""
+    from aegir.pipelines.flywheel import default_config_text, load_flywheel_config, run_flywheel
+
+    if show_defaults:
+        console.print(default_config_text(), markup=False, highlight=False)
+        return
 
     def report(round_index: int, step: str, result: dict, skipped: bool) -> None:
         note = "done earlier" if skipped else f"{result.get('seconds', 0):.1f} s"
         errors.print(f"round {round_index} · {step}: {note}", highlight=False)
 
     try:
-        table = run_flywheel(settings_of(ctx), out, rounds, load_flywheel_config(config), on_step=report)
+        table = run_flywheel(settings_of(ctx), out, load_flywheel_config(config, rounds=rounds), on_step=report)
     except (ValueError, FileNotFoundError, RuntimeError, ducklake.StoreError) as exc:
         fail(str(exc))
     render.print_wide(render.flywheel_rounds_table(table))  # wide: one line per round

@@ -63,25 +63,21 @@ def _score(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def _hook(row: dict, switch: str, value: Any) -> str:
-    return "off" if row.get(switch) == "off" else str(value if value is not None else "-")
-
-
 def flywheel_rounds_table(rounds: list[dict]) -> Table:
-    """One line per flywheel round: data, held-out scores, detections by decision, embedding hooks."""
-    view = Table("round", "rows", "version", "masks by source", "val IoU", "test IoU", "test obj. F1", "detections",
-                 "accepted", "rejected", "review", "backfilled", "hard neg.", "mined neg.", "cells boosted",
-                 "boosted hit rate", "version after")
+    """One line per flywheel round: training rows, quality on truth the loop never reads, target detections
+    (region: the target images without truth)."""
+    view = Table("round", "rows", "pseudo +/−", "epochs", "seed-test IoU", "seed-test obj. F1", "target IoU",
+                 "target obj. P/R/F1", "transfer box P/R/F1", "detections", "accepted", "region accepted share",
+                 "region kept/added/dropped", "windows admitted +/−", "version")
     for row in rounds:
-        masks = ", ".join(f"{k} {v}" for k, v in row["masks_by_source"].items())
-        view.add_row(*map(str, (row["round"], row["rows"], row["data_version"], masks, _score(row["val_iou"]),
-                                _score(row["held_out_pixel_iou"]), _score(row["held_out_object_f1"]),
-                                row["detections"], row["accepted"], row["rejected"], row["needs_review"],
-                                row["backfilled"], row["hard_negatives"],
-                                _hook(row, "hard_negative_mining", row.get("mined_added")),
-                                _hook(row, "find_similar_tiles", row.get("cells_reprioritised")),
-                                _hook(row, "find_similar_tiles", _score(row.get("boosted_cell_hit_rate"))),
-                                row["version_after_backfill"])))
+        changes = "—" if row.get("kept") is None else f"{row['kept']}/{row['added']}/{row['dropped']}"
+        view.add_row(*map(str, (
+            row["round"], row["rows"], f"{row['pseudo_positive']}/{row['pseudo_negative']}", row["epochs"],
+            _score(row["seed_test_iou"]), _score(row["seed_test_object_f1"]), _score(row["target_iou"]),
+            "/".join(_score(row[k]) for k in ("target_object_precision", "target_object_recall", "target_object_f1")),
+            "/".join(_score(row[k]) for k in ("transfer_precision", "transfer_recall", "transfer_f1")),
+            row["detections"], row["accepted"], _score(row.get("accepted_share")), changes,
+            f"{row['admitted_positive']}/{row['admitted_negative']}", row["data_version"])))
     return view
 
 

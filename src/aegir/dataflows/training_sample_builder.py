@@ -4,7 +4,8 @@ Inputs: ``sample_chips`` (list of :class:`~aegir.utils.types.Chip`, one per samp
 and ``extras["prompt_wkb"]`` — the prompt geometry, WKB, EPSG:4326; optional ``extras["provenance"]``, a dict of
 per-sample provenance merged into ``params_json``; optional ``extras["lineage"]``, a dict of
 ``LINEAGE_TYPE`` fields), ``sample_masks`` (sample_id → (H, W) uint8 generated mask, 0/1, on the chip grid; missing
-= no mask yet), ``truth_masks`` (sample_id → (H, W) pixel ground truth, stored in ``truth_mask``), ``msi_chips`` (sample_id → co-registered Sentinel-2 Chip),
+= no mask yet), ``ignore_masks`` (sample_id → (H, W) bool: pixels of the generated mask with no opinion, stored
+as ``MASK_IGNORE``; raw encoding only), ``truth_masks`` (sample_id → (H, W) pixel ground truth, stored in ``truth_mask``), ``msi_chips`` (sample_id → co-registered Sentinel-2 Chip),
 ``dataset_name``, ``chip_encoding`` ("raw" | "png" | "tiff"), ``mask_source``, ``provenance_params``,
 ``s2_levels`` and ``h3_resolution`` (``Settings.s2_levels`` / ``Settings.h3_resolution``; default 10, 13, 17 and 12).
 Output ``training_rows``: an Arrow table in ``training_data_schema(s2_levels, h3_resolution)`` (the defaults give
@@ -26,7 +27,7 @@ import shapely
 from aegir import __version__
 from aegir.store.chip_codec import encode_chip
 from aegir.config import DEFAULT_H3_RESOLUTION, DEFAULT_S2_LEVELS
-from aegir.store.lance_io import LINEAGE_TYPE, training_data_schema
+from aegir.store.lance_io import LINEAGE_TYPE, MASK_IGNORE, training_data_schema
 from aegir.utils import s2geometry
 from aegir.utils.types import Chip
 
@@ -69,10 +70,14 @@ def _timestamp(text: str | None) -> dt.datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
 
 
-def _encode_mask(mask: np.ndarray | None, encoding: str) -> bytes | None:
+def _encode_mask(mask: np.ndarray | None, encoding: str, ignore: np.ndarray | None = None) -> bytes | None:
     if mask is None:
         return None
     binary = (mask > 0).astype(np.uint8)
+    if ignore is not None and ignore.any():
+        if encoding != "raw":
+            raise ValueError(f"masks with ignored pixels need the raw encoding, not {encoding!r}")
+        binary[ignore] = MASK_IGNORE
     return encode_chip(binary * 255 if encoding == "png" else binary, encoding)
 
 
@@ -116,6 +121,7 @@ def training_rows(
     sample_chips: list[Chip],
     sample_masks: dict[str, np.ndarray],
     truth_masks: dict[str, np.ndarray],
+    ignore_masks: dict[str, np.ndarray],
     msi_chips: dict[str, Chip],
     sample_uuids: list[str],
     sample_centroids: np.ndarray,
@@ -127,7 +133,8 @@ def training_rows(
     provenance_params: dict,
     h3_resolution: int = DEFAULT_H3_RESOLUTION,
 ) -> pa.Table:
-    """One ``training_data`` row per chip; masks are stored 0/1 (``png``: 0/255), the generated one in
+    """One ``training_data`` row per chip; masks are stored 0/1 (``png``: 0/255; ignored pixels of a raw generated
+    mask: ``MASK_IGNORE``), the generated one in
     ``generated_mask``, ground truth in ``truth_mask`` (never mixed). The schema has one
     ``s2_token_l<level>`` field per level of ``sample_s2_tokens`` and an ``h3_<h3_resolution>`` field."""
     levels = sorted(sample_s2_tokens)
@@ -136,7 +143,7 @@ def training_rows(
     for index, chip in enumerate(sample_chips):
         sample_id = chip.extras["sample_id"]
         generated, truth = sample_masks.get(sample_id), truth_masks.get(sample_id)
-        mask_bytes = _encode_mask(generated, chip_encoding)
+        mask_bytes = _encode_mask(generated, chip_encoding, ignore_masks.get(sample_id))
         mask_meta = _mask_fields(generated, truth, chip_encoding, mask_source)
         msi_bytes, msi_meta = _msi_fields(msi_chips.get(sample_id))
         metadata = {

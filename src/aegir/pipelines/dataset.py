@@ -42,15 +42,17 @@ class BuildReport:
 
 def write_training_batch(table: lancedb.table.Table, chips: list[Chip], masks: dict[str, np.ndarray],
                          msi: dict[str, Chip], dataset: str, encoding: str, mask_source: str,
-                         params: dict, truth: dict[str, np.ndarray] | None = None) -> lance_io.UpsertResult:
+                         params: dict, truth: dict[str, np.ndarray] | None = None,
+                         ignore: dict[str, np.ndarray] | None = None) -> lance_io.UpsertResult:
     """Upsert one ``training_data`` row per chip (keyed by uuid, one commit) and refresh the scalar indexes.
 
     ``masks``: sample_id → (H, W) 0/1 generated mask on the chip grid; ``truth``: sample_id → pixel ground truth
-    (its own column, never replaced by a generated mask); ``msi``: sample_id → co-registered Sentinel-2 chip;
+    (its own column, never replaced by a generated mask); ``ignore``: sample_id → (H, W) bool pixels of the
+    generated mask with no opinion (stored as ``lance_io.MASK_IGNORE``, left out of the loss); ``msi``: sample_id → co-registered Sentinel-2 chip;
     ``params``: provenance parameters stored with every row (see :mod:`aegir.dataflows.training_sample_builder`).
     """
     rows = run_stage("training_samples", ["training_rows"], {
-        "sample_chips": chips, "sample_masks": masks, "truth_masks": truth or {}, "msi_chips": msi, "dataset_name": dataset,
+        "sample_chips": chips, "sample_masks": masks, "truth_masks": truth or {}, "ignore_masks": ignore or {}, "msi_chips": msi, "dataset_name": dataset,
         "chip_encoding": encoding, "mask_source": mask_source, "provenance_params": params,
         "s2_levels": lance_io.stored_s2_levels(table.schema), "h3_resolution": lance_io.stored_h3_resolution(table.schema),
     })["training_rows"]
@@ -147,13 +149,15 @@ def build_dataset_from_images(
     msi_dir: str | None = None,
     progress: Any = None,
     processing_baseline: str | None = None,
+    image_paths: list[Path] | None = None,
 ) -> BuildReport:
     """One ``training_data`` row per image tile; masks matched by file stem (PV where > 0); prompt = tile footprint.
+    ``image_paths``: only these images (e.g. one part of a hold-out split) instead of every image of the folder.
 
     Tiles that cannot be used (unreadable, no georeference, all nodata, mask of another size) are skipped with the
     reason; the rest of the build continues. Rows are keyed by uuid5(dataset:stem), so a rebuild upserts.
     """
-    images = image_files.list_image_files(images_dir)
+    images = list(image_paths) if image_paths is not None else image_files.list_image_files(images_dir)
     masks_by_stem = image_files.mask_files_by_stem(masks_dir)
     dataset = dataset or default_dataset_name(images_dir)
     table = lance_io.open_training_table(uri, settings.lancedb_root, s2_levels=settings.s2_levels,

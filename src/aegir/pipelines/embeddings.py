@@ -1,6 +1,6 @@
 """Embedding jobs: chip embeddings and vector search (``aegir dataset embed``, ``aegir search similar``), tile-window
-embeddings (``aegir infer embed-tiles``, ``aegir search tiles``) and the flywheel's two embedding hooks (hard-negative
-mining, find more like this; called by :mod:`aegir.pipelines.flywheel_hooks`).
+embeddings (``aegir infer embed-tiles``, ``aegir search tiles``) and two embedding hooks over a region's detections (hard-negative
+mining, find more like this).
 
 Chips are read through :mod:`aegir.store.lance_io`, tiles through :mod:`aegir.store.region_files`; the
 :mod:`aegir.dataflows.chip_embeddings` / :mod:`~aegir.dataflows.tile_embeddings` DAGs cut and encode them and vectors
@@ -372,4 +372,25 @@ def window_chips(hits: pa.Table, tiles_dir: str | Path) -> list:
                            provenance={"distance": row["distance"], "window_uuid": row["window_uuid"],
                                        "neighbour_rank": row["neighbour_rank"], "mined_round": row["round"]})
         out.append(chip)
+    return out
+
+
+def detection_tiles(detections, tiles_dir: Path) -> dict[str, Any]:
+    """detection_id → the region tile (Chip) whose footprint holds the detection's centroid. Footprints come from
+    the tile index (file headers); only the tiles that hold a detection are read."""
+    import shapely
+
+    from aegir.store import mask_files, region_files
+
+    tiles, _ = region_files.tile_index(tiles_dir)
+    tree = shapely.STRtree([t.footprint for t in tiles])
+    loaded: dict[int, Any] = {}
+    out = {}
+    for detection_id, geometry in zip(detections["detection_id"].astype(str), detections.geometry):
+        hits = tree.query(shapely.centroid(geometry), predicate="within")
+        if len(hits):
+            index = int(hits[0])
+            if index not in loaded:
+                loaded[index] = mask_files.read_image_chip(tiles[index].path)
+            out[detection_id] = loaded[index]
     return out

@@ -1,35 +1,17 @@
-"""``aegir flywheel``: ingest → masks → dataset → train → infer → validate → backfill, N rounds, resumable.
+"""``aegir flywheel``: seed → train → evaluate → detect, then per round: gated pseudo-labels → warm-started
+training → evaluate → detect. Configured by data: the package's ``defaults/flywheel.toml`` under ``--config``.
 
-Each round's steps write their result into ``OUT/flywheel_state.json`` as they finish; a re-run (after a crash or
-Ctrl-C) skips every step already recorded and goes on with the next. One row per round goes to
-``OUT/flywheel_rounds.csv`` / ``.json`` (and a summary plot ``.png``): training rows, masks by source, validation IoU, detections accepted /
-rejected / for review, backfilled samples and the ``training_data`` version the round trained on.
+Round 0 trains on the labelled seed alone; round k ≥ 1 adds the pseudo-label windows round k − 1's detect step
+admitted (:mod:`aegir.dataflows.pseudo_labels`: the model's components that its test-time views, the Mask Factory
+and the RGB evidence all agree on; empty windows every view calls empty) and starts from round k − 1's
+checkpoint with the same budget. Ground truth is never replaced or down-weighted: pseudo-labels are rows of their
+own (``flywheel_pseudo_r<k>``, mask source ``flywheel:pseudo`` / ``flywheel:negative``, per-row confidence and
+evidence in ``provenance.params_json``) that always train and weigh ``source_weights`` in the loss.
 
-On the embedded defaults the shared data plays these parts:
-- **ingest**: the shared PV label sets into the DuckLake lakehouse (idempotent: later rounds add nothing).
-- **masks**: the Mask Factory (offline backend) on the seed tiles, prompted by one box per ground-truth
-  component, scored against the ground truth: the quality gate of the prompt → mask path the backfill uses.
-- **dataset**: round 1 upserts the seed tiles (Jiang PV01 + ground-truth masks); later rounds train on the
-  version the previous backfill wrote (seed + backfilled samples).
-- **train**: ``aegir train`` with a short, time-capped CPU recipe.
-- **infer**: region inference over the Austin tiles (their grid from the file names) → detections.
-- **validate**: score and shape checks (no Sentinel-2 scene covers Austin in the shared data, so MSI evidence is
-  not required there: ``require_msi = False``), plus agreement with the previous round's detections.
-- **embed_tiles**: every ``backfill_chip_px``² window of the region tiles embedded with the round's encoder into
-  the LanceDB ``tile_embeddings`` table (footprint, S2 cell at ``plan_level``); skipped when both hooks are off.
-- **mine_negatives** (``mine_hard_negatives``): the windows nearest to the rejected detections that touch no
-  accepted / needs-review detection and no label → ``round_<k>/mined_negatives.parquet`` and, with ``add_mined_negatives``, empty-mask
-  chips in ``training_data`` (dataset ``flywheel_mined``, mask source ``mined_negative``).
-- **find_similar** (``find_similar_tiles``): the unlabelled windows nearest to the accepted detections →
-  ``round_<k>/similar_tiles.parquet`` and a boost for the grid-plan cells holding them; the next round's
-  **infer** plans those cells first.
-- **backfill**: accepted detections → chips with masks from the ``model`` backend (the round's checkpoint,
-  prompted by each detection's box); rejected → hard-negative chips; one new ``training_data`` version.
-
-The per-round table reports both hooks (``on`` / ``off``, proposed / added negatives, cells re-prioritised) and
-what they did one round later: the share of the previous round's mined windows the new model detects PV in again
-(``mined_redetected_share``), and the share of boosted cells holding an accepted detection against the share of
-all cells (``boosted_cell_hit_rate`` vs ``cell_hit_rate``).
+Every round is scored on data no step of the loop reads for training or gating: the seed's test part, the target
+truth (the hold-out target part's masks and ``target_truth``), and the transfer tiles with their boxes. Each
+step's result goes to ``OUT/flywheel_state.json`` as it finishes; a re-run resumes after the last finished step.
+The per-round table: ``OUT/flywheel_rounds.csv`` / ``.json`` / ``.png``. Round k's model: ``OUT/round_<k>/train/best.ckpt``.
 """
 
 from __future__ import annotations
@@ -37,69 +19,156 @@ from __future__ import annotations
 import json
 import time
 import tomllib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
 from aegir.config import Settings
-from aegir.sample_data import AUSTIN_TILES
 from aegir.store import run_files
 
-STEPS = ("ingest", "masks", "dataset", "train", "infer", "validate", "embed_tiles", "mine_negatives",
-         "find_similar", "backfill")
+STEPS = ("data", "train", "evaluate", "detect")
+DEFAULTS_RESOURCE = ("aegir.defaults", "flywheel.toml")
 
 
 @dataclass
 class FlywheelConfig:
-    """What a flywheel run uses; defaults are the shared data and a CPU recipe that finishes in minutes."""
+    """The ``[flywheel]`` table (every field documented in ``aegir/defaults/flywheel.toml``, which holds the
+    defaults; none live here)."""
 
-    seed_images: str = ""  # default: <sample_data_dir>/vhr/jiang_pv01/images (+ masks beside)
-    seed_masks: str = ""
-    region_tiles: str = ""  # default: <sample_data_dir>/vhr/nrel_panel_segmentation/sol-searcher_data_examples
-    train_max_epochs: int = 12
-    train_max_minutes: float = 3.0
-    train_batch_size: int = 8
-    infer_threshold: float = 0.5
-    min_score: float = 0.6
-    min_area_m2: float = 2.0
-    min_rectangularity: float = 0.35
-    backfill_chip_px: int = 256
-    max_backfill: int = 64  # accepted detections backfilled per round (highest score first)
-    max_hard_negatives: int = 64  # rejected detections kept as hard negatives per round (highest score first)
-    import_labels: bool = True
-    plan_level: int = 14  # S2 level of the region's grid-plan cells (inference and tile embeddings)
-    # embedding hooks (issue #8); windows and query crops are backfill_chip_px² pixels
-    mine_hard_negatives: bool = True  # (a) tile windows nearest to rejected detections → negatives
-    mine_k: int = 5  # nearest windows per rejected detection
-    max_mined_negatives: int = 32  # per round, nearest first
-    add_mined_negatives: bool = True  # write them as empty-mask chips to training_data (else proposals only)
-    find_similar_tiles: bool = True  # (b) cells of windows nearest to accepted detections → inferred first
-    similar_k: int = 5  # nearest unlabelled windows per accepted detection
-    train_overrides: dict[str, Any] = field(default_factory=dict)  # any other TrainConfig field, e.g. encoder
+    rounds: int
+    seed: int
+    seed_images: str
+    seed_masks: str
+    seed_uri: str
+    holdout_level: int
+    holdout_target_share: float
+    holdout_test_share: float
+    target_images: list[str]
+    target_truth: str
+    transfer_images: str
+    transfer_boxes: str
+    window_px: int
+    tta_views: list[int]
+    mask_factory: str
+    max_positive_share: float
+    max_negative_share: float
+    warm_start: bool
+    quicklook_images: int
+    train: dict[str, Any] = field(default_factory=dict)
+    gate: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self, settings: Settings) -> "FlywheelConfig":
-        data = Path(settings.sample_data_dir)
-        jiang = data / "vhr" / "jiang_pv01"
-        return FlywheelConfig(**{**asdict(self),
-                                 "seed_images": self.seed_images or str(jiang / "images"),
-                                 "seed_masks": self.seed_masks or str(jiang / "masks"),
-                                 "region_tiles": self.region_tiles or str(data / AUSTIN_TILES)})
+        """``{sample_data}`` in every path replaced by the settings' shared-data folder."""
+        data = str(settings.sample_data_dir)
 
+        def fill(text: str) -> str:
+            return text.replace("{sample_data}", data)
 
-def load_flywheel_config(path: str | Path | None) -> FlywheelConfig:
-    """Defaults, or a TOML file's ``[flywheel]`` table (unknown keys are an error naming the file)."""
-    if path is None:
-        return FlywheelConfig()
-    path = Path(path)
-    try:
-        values = run_files.read_toml(path, "flywheel config file").get("flywheel", {})
+        values = asdict(self)
+        for name in ("seed_images", "seed_masks", "seed_uri", "target_truth", "transfer_images", "transfer_boxes"):
+            values[name] = fill(values[name])
+        values["target_images"] = [fill(t) for t in self.target_images]
         return FlywheelConfig(**values)
-    except (tomllib.TOMLDecodeError, TypeError) as exc:
-        raise ValueError(f"{path}: cannot use this flywheel config ({exc})") from exc
+
+
+def default_config_text() -> str:
+    """The shipped ``flywheel.toml``."""
+    return resources.files(DEFAULTS_RESOURCE[0]).joinpath(DEFAULTS_RESOURCE[1]).read_text()
+
+
+def _merge(base: dict, override: dict, where: str) -> dict:
+    names = {f.name for f in fields(FlywheelConfig)}
+    unknown = sorted(set(override) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown [flywheel] key(s) {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+    merged = dict(base)
+    for key, value in override.items():
+        if key in ("train", "gate") and not isinstance(value, dict):
+            raise ValueError(f"{where}: [flywheel.{key}] must be a table, got {value!r}")
+        merged[key] = {**base.get(key, {}), **value} if key in ("train", "gate") else value
+    return merged
+
+
+def load_flywheel_config(path: str | Path | None = None, **overrides: Any) -> FlywheelConfig:
+    """The shipped defaults, then ``path``'s ``[flywheel]`` table, then ``overrides`` that are not None; unknown
+    keys or values of the wrong kind are a ValueError naming the file."""
+    values = tomllib.loads(default_config_text())["flywheel"]
+    where = "aegir/defaults/flywheel.toml"
+    if path is not None:
+        where = str(path)
+        try:
+            table = run_files.read_toml(path, "flywheel config file").get("flywheel")
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{path}: not a TOML file ({exc})") from exc
+        if not isinstance(table, dict):
+            raise ValueError(f"{path}: no [flywheel] table")
+        values = _merge(values, table, where)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if given and path is None:
+        where = "flywheel overrides"
+    values = json.loads(json.dumps(_merge(values, given, where)))  # tuples → lists, as the state file stores them
+    config = FlywheelConfig(**values)
+    _check(config, where)
+    return config
+
+
+def _kind_problems(values: dict[str, Any], cls: type, table: str) -> list[str]:
+    """``key: expected <type>, got <value>`` for every value of ``values`` whose type does not fit ``cls``'s field
+    annotation (int, float, str, bool, list, dict, or None where the field is optional)."""
+    import types
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    problems = []
+    for key, value in values.items():
+        hint = hints.get(key)
+        if hint is None:
+            continue
+        options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        kinds = {typing.get_origin(o) or o for o in options}
+        if float in kinds:
+            kinds.add(int)
+        fits = (value is None and type(None) in kinds) or any(
+            isinstance(value, k) and not (k is int and isinstance(value, bool) and bool not in kinds)
+            for k in kinds if isinstance(k, type) and k is not type(None))
+        if not fits:
+            problems.append(f"[{table}] {key}: expected {hint}, got {value!r}")
+    return problems
+
+
+def _check(config: FlywheelConfig, where: str) -> None:
+    from aegir.dataflows.pseudo_labels import PseudoLabelGate
+    from aegir.masks import available_backends
+    from aegir.training.config import TrainConfig, TrainConfigError
+
+    problems = _kind_problems({k: v for k, v in asdict(config).items() if k not in ("train", "gate")},
+                              FlywheelConfig, "flywheel")
+    problems += _kind_problems(config.train, TrainConfig, "flywheel.train")
+    problems += _kind_problems(config.gate, PseudoLabelGate, "flywheel.gate")
+    if problems:
+        raise ValueError(f"{where}: " + "; ".join(problems))
+    if not set(config.tta_views) <= set(range(8)) or not config.tta_views:
+        raise ValueError(f"{where}: tta_views must be dihedral codes 0..7, got {config.tta_views}")
+    if config.mask_factory not in available_backends():
+        raise ValueError(f"{where}: mask_factory {config.mask_factory!r} is not one of {', '.join(available_backends())}")
+    if config.rounds < 0 or config.window_px < 32:
+        raise ValueError(f"{where}: rounds must be >= 0 and window_px >= 32")
+    if not 0 <= config.holdout_target_share + config.holdout_test_share < 1:
+        raise ValueError(f"{where}: holdout_target_share + holdout_test_share must lie in [0, 1)")
+    if not (config.seed_images or config.seed_uri):
+        raise ValueError(f"{where}: give seed_images (+ seed_masks) or seed_uri")
+    if isinstance(config.target_images, str):
+        raise ValueError(f"{where}: target_images must be a list of paths")
+    try:
+        TrainConfig.from_dict(config.train)
+        PseudoLabelGate(**config.gate)
+    except (TypeError, TrainConfigError) as exc:
+        raise ValueError(f"{where}: {exc}") from exc
 
 
 class FlywheelState:
-    """``OUT/flywheel_state.json``: {"config": …, "rounds": {"1": {step: result}}}; written after every step."""
+    """``OUT/flywheel_state.json``: {"config": …, "rounds": {"0": {step: result}}}; written after every step."""
 
     def __init__(self, out: Path, config: FlywheelConfig) -> None:
         self.path = out / "flywheel_state.json"
@@ -109,6 +178,10 @@ class FlywheelState:
                 self.data = run_files.read_json(self.path)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{self.path}: unreadable flywheel state ({exc}); move it away to start over") from exc
+            stored = {k: v for k, v in self.data.get("config", {}).items() if k != "rounds"}
+            if stored != {k: v for k, v in asdict(config).items() if k != "rounds"}:
+                raise ValueError(f"{self.path}: this run folder was made with another flywheel config; use a new "
+                                 f"--out or the same config (only rounds may change)")
 
     def result(self, round_index: int, step: str) -> dict | None:
         return self.data["rounds"].get(str(round_index), {}).get(step)
@@ -118,58 +191,32 @@ class FlywheelState:
         run_files.write_json(self.data, self.path, atomic=True)
 
 
-def run_flywheel(settings: Settings, out_dir: str | Path, rounds: int = 2, config: FlywheelConfig | None = None,
+def run_flywheel(settings: Settings, out_dir: str | Path, config: FlywheelConfig | None = None,
                  on_step: Callable[[int, str, dict, bool], None] | None = None) -> list[dict]:
-    """Run (or resume) ``rounds`` rounds; returns the per-round table rows. ``on_step(round, step, result,
-    skipped)`` is called after every step (``skipped``: it was already done)."""
-    from aegir.pipelines.flywheel_steps import RoundContext
+    """Run (or resume) rounds 0..``config.rounds``; returns the per-round table rows. ``on_step(round, step,
+    result, skipped)`` is called after every step (``skipped``: it was already done)."""
+    from aegir.pipelines import flywheel_steps as steps
 
     out = run_files.ensure_dir(out_dir)
-    step_functions = _step_functions()
-    config = (config or FlywheelConfig()).resolved(settings)
+    config = (config or load_flywheel_config()).resolved(settings)
     state = FlywheelState(out, config)
+    functions = {"data": steps.step_data, "train": steps.step_train, "evaluate": steps.step_evaluate,
+                 "detect": steps.step_detect}
     table = []
-    for round_index in range(1, rounds + 1):
-        context = RoundContext(settings, config, out, round_index, state)
+    for round_index in range(0, config.rounds + 1):
+        context = steps.RoundContext(settings, config, out, round_index, state)
         for step in STEPS:
             done = state.result(round_index, step)
             if done is None:
                 started = time.perf_counter()
-                result = step_functions[step](context)
+                result = functions[step](context)
                 result["seconds"] = round(time.perf_counter() - started, 1)
                 state.record(round_index, step, result)
             if on_step:
                 on_step(round_index, step, done or state.result(round_index, step), done is not None)
-        table.append(round_summary(context))
-    write_round_table(out, table)
+        table.append(steps.round_summary(context))
+        write_round_table(out, table)
     return table
-
-
-def _step_functions() -> dict[str, Callable[[Any], dict]]:
-    """Step name → the function that runs it on a :class:`~aegir.pipelines.flywheel_steps.RoundContext`."""
-    from aegir.pipelines import flywheel_hooks as hooks
-    from aegir.pipelines import flywheel_steps as steps
-
-    return {"ingest": steps.step_ingest, "masks": steps.step_masks, "dataset": steps.step_dataset,
-            "train": steps.step_train, "infer": steps.step_infer, "validate": steps.step_validate,
-            "embed_tiles": hooks.step_embed_tiles, "mine_negatives": hooks.step_mine_negatives,
-            "find_similar": hooks.step_find_similar, "backfill": steps.step_backfill}
-
-
-def round_summary(context: Any) -> dict:
-    """One row of the per-round table (``context``: the round's ``RoundContext``, every step recorded)."""
-    from aegir.pipelines.flywheel_hooks import hook_columns
-
-    dataset, train = context.earlier("dataset"), context.earlier("train")
-    validate, backfill = context.earlier("validate"), context.earlier("backfill")
-    return {"round": context.round_index, "rows": dataset["rows"], "data_version": dataset["version"],
-            "masks_by_source": dataset["masks_by_source"], "val_iou": train.get("val_iou"),
-            "held_out_pixel_iou": validate["held_out"]["pixel_iou"],
-            "held_out_object_f1": validate["held_out"]["object"]["f1"],
-            "detections": validate["detections"], "accepted": validate["accepted"], "rejected": validate["rejected"],
-            "needs_review": validate["needs_review"], "backfilled": backfill["backfilled"],
-            "hard_negatives": backfill["hard_negatives"], "version_after_backfill": backfill["version"],
-            **hook_columns(context)}
 
 
 def write_round_table(out: Path, table: list[dict]) -> None:

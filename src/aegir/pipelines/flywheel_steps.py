@@ -1,26 +1,35 @@
-"""The steps of one flywheel round (see :mod:`aegir.pipelines.flywheel`) but the embedding hooks
-(:mod:`aegir.pipelines.flywheel_hooks`): each takes the :class:`RoundContext` and returns a JSON-able result dict.
+"""The steps of one flywheel round (see :mod:`aegir.pipelines.flywheel`): each takes the :class:`RoundContext`
+and returns a JSON-able result dict.
 
-Everything a step reads or writes goes through the store layer: the training table through
-:mod:`aegir.store.lance_io`, the run folder's files (``round_<k>/…``) through :mod:`aegir.store.run_files`.
+* **data** — round 0: the hold-out partition (``OUT/partition.json``) and the labelled seed rows; round k: the
+  pseudo-label windows round k − 1 admitted, capped relative to the seed, as rows of ``flywheel_pseudo_r<k>``.
+* **train** — a fixed budget on the pinned version: the seed + this round's pseudo-labels, warm-started from round
+  k − 1's checkpoint; pseudo-label rows always train.
+* **evaluate** — the round's model on the seed test part, the target truth and the transfer boxes.
+* **detect** — the model's test-time views over every target image → candidates, their evidence and the gate's
+  decisions (``round_<k>/detect/detections.parquet``), the admitted windows (``windows.json`` + ``masks.npz``)
+  for the next round, the change against the previous round, and quicklooks.
+
+Everything a step reads or writes goes through the store layer (:mod:`aegir.store.lance_io`,
+:mod:`aegir.store.run_files`, :mod:`aegir.store.mask_files`).
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from aegir.config import Settings
-from aegir.store import run_files
+from aegir.store import image_files, run_files
 
-SEED_DATASET = "jiang_pv01"
-BACKFILL_DATASET = "flywheel_backfill"
-MINED_DATASET = "flywheel_mined"
+SEED_DATASET = "flywheel_seed"
+PSEUDO_SOURCE, NEGATIVE_SOURCE = "flywheel:pseudo", "flywheel:negative"
+PARTS = ("labelled", "target", "test")
 
 
 @dataclass
@@ -42,10 +51,15 @@ class RoundContext:
         return str(Path(self.settings.lancedb_root) / "training_data")
 
     def earlier(self, step: str, round_index: int | None = None) -> dict:
-        result = self.state.result(self.round_index if round_index is None else round_index, step)
+        index = self.round_index if round_index is None else round_index
+        result = self.state.result(index, step)
         if result is None:
-            raise RuntimeError(f"flywheel round {self.round_index}: step {step!r} has no recorded result")
+            raise RuntimeError(f"flywheel round {index}: step {step!r} has no recorded result")
         return result
+
+
+def pseudo_dataset(round_index: int) -> str:
+    return f"flywheel_pseudo_r{round_index}"
 
 
 def training_table(context: RoundContext):
@@ -57,250 +71,387 @@ def training_table(context: RoundContext):
                                         h3_resolution=settings.h3_resolution)
 
 
-def _table_columns(context: RoundContext, version: int, columns: dict[str, str]) -> pa.Table:
-    """``columns`` (name → column path, e.g. ``metadata.dataset``) of every row of the table at ``version``."""
+# ---- the hold-out partition and the image lists -------------------------------------------------------------
+
+
+def partition(context: RoundContext) -> dict[str, list[str]]:
+    """``OUT/partition.json``: the seed images by part (labelled / target / test), whole S2 cells at
+    ``holdout_level`` per part; written in round 0, read afterwards."""
+    from aegir.dataflows.holdout import holdout_parts
+    from aegir.store import mask_files
+    from aegir.utils import geo
+
+    path = context.out / "partition.json"
+    if run_files.is_file(path):
+        return run_files.read_json(path)
+    cfg = context.config
+    images = image_files.list_image_files(cfg.seed_images) if cfg.seed_images else []
+    shares = {"target": cfg.holdout_target_share, "test": cfg.holdout_test_share}
+    if not images or not any(shares.values()):
+        parts = {"labelled": [str(p) for p in images], "target": [], "test": []}
+    else:
+        centres = np.array([geo.chip_centre_lonlat(mask_files.read_image_chip(p)) for p in images])
+        names = holdout_parts(centres, cfg.holdout_level, shares, str(cfg.seed))
+        parts = {part: [str(p) for p, n in zip(images, names) if n == part] for part in PARTS}
+    run_files.write_json(parts, path, atomic=True)
+    return parts
+
+
+def target_image_paths(context: RoundContext) -> list[Path]:
+    """The held-out target part of the seed, then every ``target_images`` entry (files, folders, globs,
+    ``catalog:<dataset>``)."""
+    from aegir.pipelines.imagery import list_imagery
+
+    paths = [Path(p) for p in partition(context)["target"]]
+    for entry in context.config.target_images:
+        if entry.startswith("catalog:"):
+            rows = list_imagery(context.settings, entry.removeprefix("catalog:"))
+            if rows.num_rows == 0:
+                raise ValueError(f"target_images {entry!r}: the imagery catalog has no such dataset")
+            paths += [Path(u) for u in rows["uri"].to_pylist() if "#" not in u]
+        else:
+            paths += image_files.resolve_image_entries([entry], "target_images")
+    return paths
+
+
+def target_truth(context: RoundContext) -> dict[str, Path]:
+    """stem → truth mask of the target images that have one (the hold-out target's seed masks, ``target_truth``)."""
+    cfg = context.config
+    truth = {}
+    if partition(context)["target"]:
+        seed_masks = image_files.mask_files_by_stem(cfg.seed_masks)
+        truth |= {Path(p).stem: seed_masks[Path(p).stem] for p in partition(context)["target"]
+                  if Path(p).stem in seed_masks}
+    if cfg.target_truth:
+        truth |= image_files.mask_files_by_stem(cfg.target_truth)
+    return truth
+
+
+# ---- data ---------------------------------------------------------------------------------------------------
+
+
+def step_data(context: RoundContext) -> dict:
+    """Round 0: the labelled seed rows; round k: round k − 1's admitted windows (capped). Pins the version."""
     from aegir.store import lance_io
 
-    return lance_io.read_version(training_table(context), version, columns)
+    if context.round_index == 0:
+        added = _seed_rows(context)
+    else:
+        added = _pseudo_rows(context)
+    table = training_table(context)
+    version = int(table.version)
+    meta = lance_io.read_version(table, version, {"dataset": "metadata.dataset", "source": "metadata.mask_source"})
+    datasets = Counter(meta["dataset"].to_pylist())
+    seed_datasets = added.get("seed_datasets") or context.earlier("data", 0)["seed_datasets"]
+    return added | {"version": version, "seed_rows": sum(datasets.get(d, 0) for d in seed_datasets),
+                    "rows_by_dataset": dict(datasets)}
 
 
-def _masks_by_source(context: RoundContext, version: int) -> dict[str, int]:
-    sources = _table_columns(context, version, {"source": "metadata.mask_source"})["source"].to_pylist()
-    return dict(Counter(s or "none" for s in sources))
-
-
-def round_detections(context: RoundContext, round_index: int | None = None):
-    """The detections (GeoDataFrame, EPSG:4326) of a round's infer step; empty when it wrote none."""
-    import geopandas as gpd
-
-    path = context.out / f"round_{round_index or context.round_index}" / "infer" / "detections.parquet"
-    frame = run_files.read_geoparquet(path, missing_ok=True)
-    return frame if frame is not None else gpd.GeoDataFrame(geometry=[], crs="EPSG:4326")
-
-
-def round_decisions(context: RoundContext, round_index: int | None = None) -> pa.Table:
-    """The validation decisions (``decision``, ``detection_id``, evidence) a round's validate step wrote."""
-    return run_files.read_parquet(context.earlier("validate", round_index)["decisions"])
-
-
-def validated(context: RoundContext):
-    """(detections, validation decisions, detection_id → tile Chip) of this round."""
-    detections = round_detections(context)
-    decisions = round_decisions(context)
-    tiles = detection_tiles(detections, Path(context.config.region_tiles)) if len(detections) else {}
-    return detections, decisions, tiles
-
-
-def detection_tiles(detections, tiles_dir: Path) -> dict[str, Any]:
-    """detection_id → the region tile (Chip) whose footprint holds the detection's centroid. Footprints come from
-    the tile index (file headers); only the tiles that hold a detection are read."""
-    import shapely
-
-    from aegir.store import mask_files, region_files
-
-    tiles, _ = region_files.tile_index(tiles_dir)
-    tree = shapely.STRtree([t.footprint for t in tiles])
-    loaded: dict[int, Any] = {}
-    out = {}
-    for detection_id, geometry in zip(detections["detection_id"].astype(str), detections.geometry):
-        hits = tree.query(shapely.centroid(geometry), predicate="within")
-        if len(hits):
-            index = int(hits[0])
-            if index not in loaded:
-                loaded[index] = mask_files.read_image_chip(tiles[index].path)
-            out[detection_id] = loaded[index]
-    return out
-
-
-def previous_boosts(context: RoundContext) -> dict[str, float]:
-    """Cell boosts the previous round's find_similar step made (empty in round 1 or when it was off)."""
-    if context.round_index == 1:
-        return {}
-    previous = context.state.result(context.round_index - 1, "find_similar") or {}
-    return dict(previous.get("boosts") or {})
-
-
-# ---- steps -------------------------------------------------------------------------------------------------
-
-
-def step_ingest(context: RoundContext) -> dict:
-    """The shared label sets into DuckLake (no-op rows on later rounds: imports are idempotent)."""
-    from aegir.pipelines.labels import import_labels
-    from aegir.sample_data import SAMPLE_LABEL_SETS
-
-    if not context.config.import_labels:
-        return {"skipped": "import_labels = false"}
-    data = Path(context.settings.sample_data_dir)
-    added = {}
-    for item in SAMPLE_LABEL_SETS:
-        report = import_labels(context.settings, item.path(data), item.dataset, doi=item.doi)
-        added[item.dataset] = report.commit.inserted
-    return {"new_label_rows": added}
-
-
-def step_masks(context: RoundContext) -> dict:
-    """Round 1: offline Mask Factory on the seed tiles (one box per ground-truth component), scored against the
-    ground truth. Later rounds: the backfill of the previous round made this round's new masks."""
-    from aegir.pipelines.masks import evaluate_masks, generate_masks
-    from aegir.store.mask_files import write_component_box_prompts
-
-    cfg = context.config
-    if context.round_index > 1:
-        previous = context.earlier("backfill", context.round_index - 1)
-        return {"new_masks": previous.get("backfilled", 0), "backend": "model (previous round's backfill)"}
-    prompts = context.round_dir / "seed_box_prompts.csv"
-    count = write_component_box_prompts(cfg.seed_images, cfg.seed_masks, prompts)
-    report = generate_masks(cfg.seed_images, prompts, "offline", context.round_dir / "masks")
-    quality = evaluate_masks(context.round_dir / "masks", cfg.seed_masks)
-    return {"prompts": count, "masks": len(report.written), "backend": "offline",
-            "mean_iou_vs_ground_truth": quality["mean_iou"], "pixel_iou_vs_ground_truth": quality["pixel_iou"]}
-
-
-def step_dataset(context: RoundContext) -> dict:
-    """Round 1 upserts the seed tiles with their ground-truth masks; every round pins the version it trains on."""
+def _seed_rows(context: RoundContext) -> dict:
     from aegir.pipelines.dataset import build_dataset_from_images
 
     cfg = context.config
-    if context.round_index == 1:
-        build_dataset_from_images(context.settings, cfg.seed_images, cfg.seed_masks, context.table_uri, SEED_DATASET)
+    parts = partition(context)
+    if cfg.seed_uri:
+        from aegir.store import lance_io
+
+        copied = lance_io.copy_masked_rows(cfg.seed_uri, context.settings.lancedb_root, training_table(context))
+        return {"seed_uri": cfg.seed_uri, "seed_datasets": sorted(copied), "seed_rows_copied": copied,
+                "parts": {k: len(v) for k, v in parts.items()}}
+    report = build_dataset_from_images(context.settings, cfg.seed_images, cfg.seed_masks, context.table_uri,
+                                       SEED_DATASET, image_paths=[Path(p) for p in parts["labelled"]])
+    return {"seed_datasets": [SEED_DATASET], "seed_rows_inserted": report.inserted, "skipped": report.skipped,
+            "parts": {k: len(v) for k, v in parts.items()}}
+
+
+def _caps(context: RoundContext) -> tuple[int, int]:
+    seed_rows = context.earlier("data", 0)["seed_rows"]
+    cfg = context.config
+    return math.ceil(cfg.max_positive_share * seed_rows), math.ceil(cfg.max_negative_share * seed_rows)
+
+
+def _pseudo_rows(context: RoundContext) -> dict:
+    """Round k − 1's admitted windows → rows of ``flywheel_pseudo_r<k>`` (positives by confidence, negatives by
+    emptiness, each up to its cap), per-row confidence and evidence in the provenance."""
+    from aegir.pipelines.dataset import write_training_batch
+    from aegir.store import mask_files
+    from aegir.store.lance_io import MASK_IGNORE
+    from aegir.utils import geo
+
+    previous = context.earlier("detect", context.round_index - 1)
+    windows = run_files.read_json(previous["windows"])
+    masks = run_files.read_npz(previous["masks"])
+    cap_positive, cap_negative = _caps(context)
+    chosen = {kind: sorted((w for w in windows if w["kind"] == kind), key=lambda w: -w["confidence"])[:cap]
+              for kind, cap in (("positive", cap_positive), ("negative", cap_negative))}
     table = training_table(context)
-    version = int(table.version)
-    return {"version": version, "rows": table.count_rows(), "masks_by_source": _masks_by_source(context, version)}
+    checkpoint = context.earlier("train", context.round_index - 1)["checkpoint"]
+    written = {}
+    for kind, source in (("positive", PSEUDO_SOURCE), ("negative", NEGATIVE_SOURCE)):
+        chips, window_masks, ignored = [], {}, {}
+        by_image: dict[str, list[dict]] = {}
+        for window in chosen[kind]:
+            by_image.setdefault(window["image"], []).append(window)
+        for image, items in by_image.items():
+            tile = mask_files.read_image_chip(image)
+            for window in items:
+                chip = geo.chip_window(tile, window["col"], window["row"], window["size"])
+                sample_id = f"{Path(image).stem}_c{window['col']}_r{window['row']}"
+                chip = geo.with_sample(chip, sample_id, provenance={
+                    "confidence": window["confidence"], "components": window["components"],
+                    "evidence": window["evidence"], "made_by_round": context.round_index - 1})
+                chips.append(chip)
+                window_masks[sample_id] = masks[window["key"]] == 1
+                ignored[sample_id] = masks[window["key"]] == MASK_IGNORE
+        if chips:
+            write_training_batch(table, chips, window_masks, {}, pseudo_dataset(context.round_index), "raw", source,
+                                 {"round": context.round_index, "model_checkpoint": checkpoint, "backend": "model",
+                                  "backend_version": f"round_{context.round_index - 1}"}, ignore=ignored)
+        written[kind] = len(chips)
+    return {"pseudo_positive": written["positive"], "pseudo_negative": written["negative"],
+            "admitted_positive": sum(w["kind"] == "positive" for w in windows),
+            "admitted_negative": sum(w["kind"] == "negative" for w in windows),
+            "cap_positive": cap_positive, "cap_negative": cap_negative}
+
+
+# ---- train --------------------------------------------------------------------------------------------------
+
+
+def round_train_config(context: RoundContext):
+    """The round's TrainConfig: the configured budget, the pinned version, the seed + this round's pseudo rows,
+    the previous checkpoint as the start, no test cells when the seed has a test part."""
+    from aegir.training.config import TrainConfig
+
+    cfg = context.config
+    k = context.round_index
+    datasets = context.earlier("data", 0)["seed_datasets"] + ([pseudo_dataset(k)] if k else [])
+    init = context.earlier("train", k - 1)["checkpoint"] if k and cfg.warm_start else None
+    values = {"wandb": False, "progress_bar": False, "accelerator": "cpu", "seed": cfg.seed} | cfg.train | {
+        "dataset_version": context.earlier("data")["version"], "filter_dataset": datasets,
+        "train_only_datasets": [pseudo_dataset(k)] if k else [], "init_checkpoint": init}
+    if partition(context)["test"]:
+        values["test_fraction"] = 0.0
+    return TrainConfig.from_dict(values)
 
 
 def step_train(context: RoundContext) -> dict:
-    """A short, time-capped CPU training run on the pinned version."""
-    from aegir.training.config import TrainConfig
+    """Fit the round's model (``round_<k>/train/best.ckpt``)."""
     from aegir.training.train import run_training
 
-    cfg = context.config
-    version = context.earlier("dataset")["version"]
-    config = TrainConfig(max_epochs=cfg.train_max_epochs, max_minutes=cfg.train_max_minutes,
-                         batch_size=cfg.train_batch_size, dataset_version=version, wandb=False, progress_bar=False,
-                         accelerator="cpu").replace(**cfg.train_overrides)
+    config = round_train_config(context)
     result = run_training(context.table_uri, config, context.round_dir / "train", context.settings.lancedb_root)
     return {"checkpoint": result.best_checkpoint, "data_version": result.data_version,
-            "split_counts": result.split_counts, "epochs": result.epochs,
-            "val_iou": result.best_metrics.get("val/iou"), "val_mean_iou": result.best_metrics.get("val/mean_iou")}
+            "split_counts": result.split_counts, "epochs": result.epochs, "warm_start": config.init_checkpoint,
+            "val_iou": result.best_metrics.get("val/iou"), "fit_seconds": round(result.seconds, 1)}
 
 
-def step_infer(context: RoundContext) -> dict:
-    """Region inference over the region tiles with this round's checkpoint; cells the previous round's
-    find_similar step boosted are planned (and run) first."""
-    from aegir.pipelines import region
-    from aegir.store import ducklake
+# ---- evaluate -----------------------------------------------------------------------------------------------
+
+
+def _seed_test(context: RoundContext) -> tuple[list[Path], dict[str, Path]]:
+    """The seed-test images and their masks: the hold-out test part, else the training split's test rows."""
+    cfg = context.config
+    masks = image_files.mask_files_by_stem(cfg.seed_masks) if cfg.seed_masks else {}
+    test = [Path(p) for p in partition(context)["test"]]
+    if not test and cfg.seed_images:
+        train = context.earlier("train")
+        split = run_files.read_json(Path(train["checkpoint"]).parent / "split.json")
+        stems = set(_stems_of(context, train["data_version"], split["uuids"]["test"]))
+        test = [p for p in image_files.list_image_files(cfg.seed_images) if p.stem in stems]
+    return test, masks
+
+
+def _stems_of(context: RoundContext, version: int, uuids: list[str]) -> list[str]:
+    from aegir.store import lance_io
+
+    rows = lance_io.read_version(training_table(context), version, {"uuid": "uuid", "sample_id": "metadata.sample_id"})
+    wanted = set(uuids)
+    return [r["sample_id"] for r in rows.to_pylist() if r["uuid"] in wanted]
+
+
+def step_evaluate(context: RoundContext) -> dict:
+    """Seed-test and target-truth pixel IoU + object P/R/F1, transfer box recall / precision / F1."""
+    from aegir.pipelines.predict import load_rgb_model, scored_images, transfer_box_scores
 
     cfg = context.config
-    checkpoint = context.earlier("train")["checkpoint"]
-    boosts = previous_boosts(context)
-    report = region.infer_region(context.settings, checkpoint, context.round_dir / "infer",
-                                 tiles_dir=cfg.region_tiles, pv_threshold=cfg.infer_threshold,
-                                 plan_level=cfg.plan_level, cell_boosts=boosts)
-    con = ducklake.connect(context.settings)
-    try:
-        order = ducklake.read_grid_plan(con, context.settings, report.plan_id)["cell_token"].to_pylist()
-    finally:
-        con.close()
-    return _jsonable(report) | {"boosted_ranks": {t: order.index(t) for t in boosts if t in order}}
-
-
-def _jsonable(report: Any) -> dict:
-    import dataclasses
-
-    data = dataclasses.asdict(report) if dataclasses.is_dataclass(report) else dict(report)
-    return {k: (v if isinstance(v, (str, int, float, bool, type(None), list, dict)) else str(v)) for k, v in data.items()}
-
-
-def step_validate(context: RoundContext) -> dict:
-    """Accept / reject / needs_review per detection (score and shape; MSI evidence when a scene covers it)."""
-    from aegir.dataflows import validation
-
-    cfg = context.config
-    detections = round_detections(context)
-    thresholds = validation.ValidationThresholds(min_score=cfg.min_score, min_area_m2=cfg.min_area_m2,
-                                                 min_rectangularity=cfg.min_rectangularity, require_msi=False)
-    geometries = list(detections.geometry)
-    n = len(geometries)
-    shape = validation.shape_evidence(geometries) if n else {"area_m2": np.zeros(0), "rectangularity": np.zeros(0)}
-    no_msi = {name: np.full(n, np.nan) for name in validation.INDEX_NAMES}
-    decisions = validation.validation_decisions(detections["score"].to_numpy() if n else np.zeros(0), no_msi,
-                                                np.full(n, np.nan), shape, thresholds)
-    ids = detections["detection_id"].astype(str).tolist() if n else []
-    path = run_files.write_parquet(decisions.append_column("detection_id", pa.array(ids, pa.string())),
-                                   context.round_dir / "validation.parquet")
-    counts = Counter(decisions["decision"].to_pylist())
-    result = {"detections": n, "accepted": counts.get("accept", 0), "rejected": counts.get("reject", 0),
-              "needs_review": counts.get("needs_review", 0), "decisions": str(path)}
-    result["held_out"] = _held_out_scores(context)
-    if context.round_index > 1:  # accepted detections of this round vs the previous round's
-        previous = _accepted_geometries(context, context.round_index - 1)
-        accepted = [g for g, d in zip(geometries, decisions["decision"].to_pylist()) if d == "accept"]
-        result["agreement_with_previous_round"] = validation.object_level_scores(accepted, previous)
+    model = load_rgb_model(context.earlier("train")["checkpoint"], "cpu")
+    test, test_masks = _seed_test(context)
+    result: dict[str, Any] = {"seed_test": scored_images(model, test, test_masks)}
+    truth = target_truth(context)
+    targets = [p for p in target_image_paths(context) if p.stem in truth]
+    result["target"] = scored_images(model, targets, truth) if targets else None
+    if cfg.transfer_images and cfg.transfer_boxes:
+        scores = transfer_box_scores(model, cfg.transfer_images, cfg.transfer_boxes)
+        result["transfer"] = {k: v for k, v in scores.items() if k != "per_image"}
     return result
 
 
-def _held_out_scores(context: RoundContext) -> dict:
-    """The round's model on the seed tiles of its test split (cells it never trained on) against their ground
-    truth: object-level precision / recall / F1 at IoU ≥ 0.5 and pixel IoU."""
-    from aegir.pipelines.predict import object_and_pixel_scores
-
-    train = context.earlier("train")
-    test = set(run_files.read_json(Path(train["checkpoint"]).parent / "split.json")["uuids"]["test"])
-    rows = _table_columns(context, train["data_version"], {"uuid": "uuid", "sample_id": "metadata.sample_id",
-                                                           "dataset": "metadata.dataset"}).to_pylist()
-    stems = [r["sample_id"] for r in rows if r["uuid"] in test and r["dataset"] == SEED_DATASET]
-    return object_and_pixel_scores(train["checkpoint"], context.config.seed_images, context.config.seed_masks,
-                                   stems, device="cpu")
+# ---- detect -------------------------------------------------------------------------------------------------
 
 
-def _accepted_geometries(context: RoundContext, round_index: int) -> list:
-    detections = round_detections(context, round_index)
-    decisions = round_decisions(context, round_index)["decision"].to_pylist()
-    return [g for g, d in zip(detections.geometry, decisions) if d == "accept"]
-
-
-
-def step_backfill(context: RoundContext) -> dict:
-    """Accepted detections → chips + model-refined masks, rejected → hard negatives; one upsert each."""
+def step_detect(context: RoundContext) -> dict:
+    """Test-time views of the round's model over every target image → gated candidates and admitted windows."""
+    from aegir.dataflows.pseudo_labels import PseudoLabelGate
     from aegir.masks import get_backend
     from aegir.pipelines import run_stage
-    from aegir.pipelines.dataset import write_training_batch
+    from aegir.pipelines.predict import load_rgb_model
+    from aegir.store import mask_files
+    from aegir.training.predictor import view_probabilities
 
-    detections, decisions, tiles = validated(context)
-    if not len(detections):
-        return {"backfilled": 0, "hard_negatives": 0, "version": int(training_table(context).version)}
-    checkpoint = context.earlier("train")["checkpoint"]
-    backend = get_backend("model", checkpoint=checkpoint)
-    inputs = {"detections": detections, "validation_decisions": decisions, "detection_tiles": tiles,
-              "backfill_chip_px": context.config.backfill_chip_px, "mask_backend": backend,
-              "max_backfill": context.config.max_backfill, "max_hard_negatives": context.config.max_hard_negatives}
-    result = run_stage("backfill", ["accepted_chips", "refined_masks", "hard_negative_chips", "hard_negative_masks"],
-                       inputs)
-    table = training_table(context)
-    written = {"backfilled": 0, "hard_negatives": 0}
-    for key, chips, masks, source in (("backfilled", result["accepted_chips"], result["refined_masks"], "flywheel:model"),
-                                      ("hard_negatives", result["hard_negative_chips"], result["hard_negative_masks"],
-                                       "hard_negative")):
-        if chips:  # hard negatives are empty masks from rejected detections: no backend drew them
-            params = {"round": context.round_index, "model_checkpoint": checkpoint,
-                      "backend": backend.name if key == "backfilled" else None, "backend_version": backend.version}
-            write_training_batch(table, chips, masks, {}, BACKFILL_DATASET, "raw", source, params)
-            written[key] = len(chips)
-    table = training_table(context)
-    looks = _round_quicklooks(context, detections, decisions, tiles)
-    return written | {"version": int(table.version), "rows": table.count_rows(), "quicklooks": looks}
+    cfg = context.config
+    gate = PseudoLabelGate(**cfg.gate)
+    model = load_rgb_model(context.earlier("train")["checkpoint"], "cpu")
+    backend = get_backend(cfg.mask_factory)
+    out = run_files.ensure_dir(context.round_dir / "detect")
+    rows, windows, masks, looks, skipped = [], [], {}, [], []
+    for path in target_image_paths(context):
+        try:
+            chip = mask_files.read_image_chip(path)
+        except (ValueError, OSError) as exc:
+            skipped.append({"file": str(path), "reason": str(exc)})
+            continue
+        image = chip.rgb8()
+        views = view_probabilities(image, model.predict_proba, tuple(cfg.tta_views))
+        found = run_stage("pseudo_labels", ["candidate_labels", "candidate_evidence", "candidate_decisions",
+                                            "pseudo_windows"],
+                          {"image": image, "view_probabilities": views, "mask_factory": backend, "gate": gate,
+                           "window_px": cfg.window_px})
+        rows += _detection_rows(chip, path, found)
+        for window in found["pseudo_windows"]:
+            key = f"w{len(windows)}"
+            masks[key] = window.mask
+            windows.append({"key": key, "image": str(path), "col": window.col, "row": window.row,
+                            "size": window.size, "kind": window.kind, "confidence": window.confidence,
+                            "components": window.components,
+                            "evidence": _window_evidence(found, window)})
+        looks.append((len(found["candidate_decisions"]), chip, found))
+    detections = _detections_frame(rows)
+    run_files.write_geoparquet(detections, out / "detections.parquet")
+    windows_path = run_files.write_json(windows, out / "windows.json")
+    masks_path = run_files.write_npz(masks, out / "masks.npz")
+    decisions = Counter(d.split(":")[0] for d in detections["decision"]) if len(detections) else Counter()
+    reasons = Counter(d for d in detections["decision"] if d != "accept") if len(detections) else Counter()
+    result = {"images": len(looks), "skipped": skipped, "detections": int(len(detections)),
+              "accepted": decisions.get("accept", 0), "rejected": decisions.get("reject", 0),
+              "reject_reasons": dict(reasons), "windows": str(windows_path), "masks": str(masks_path),
+              "admitted_positive": sum(w["kind"] == "positive" for w in windows),
+              "admitted_negative": sum(w["kind"] == "negative" for w in windows),
+              "detections_file": str(out / "detections.parquet")}
+    result["changes"] = _changes(context, detections)
+    result["quicklooks"] = _quicklooks(context, looks)
+    return result
 
 
-def _round_quicklooks(context: RoundContext, detections, decisions: pa.Table, tiles: dict) -> dict:
-    """``round_<k>/quicklooks/detections/`` (the busiest tiles, detections outlined by decision) and
-    ``round_<k>/quicklooks/backfill/`` (this round's backfilled and hard-negative chips with their masks)."""
-    from aegir.pipelines.quicklook import detection_quicklooks, quicklook_training_data
+def _window_evidence(found: dict, window) -> dict:
+    """Mean evidence of the accepted components inside a positive window (empty for negatives)."""
+    from aegir.dataflows.pseudo_labels import EVIDENCE
 
-    out = context.round_dir / "quicklooks"
-    by_id = dict(zip(decisions["detection_id"].to_pylist(), decisions["decision"].to_pylist()))
-    ordered = [by_id.get(i, "needs_review") for i in detections["detection_id"].astype(str)]
-    shown = detection_quicklooks(detections, ordered, tiles, out / "detections")
-    backfill = quicklook_training_data(context.settings, context.table_uri, out / "backfill",
-                                       {"metadata.dataset": BACKFILL_DATASET,
-                                        "metadata.provenance.round": context.round_index}, limit=16)
-    return {"detections": shown["contact_sheet"], "backfill": backfill["contact_sheet"]}
+    if window.kind != "positive":
+        return {}
+    labels = found["candidate_labels"][window.row:window.row + window.size, window.col:window.col + window.size]
+    ids = np.unique(labels[labels > 0]) - 1
+    evidence = found["candidate_evidence"]
+    return {name: round(float(np.nanmean(evidence[name][ids])), 4) for name in EVIDENCE}
+
+
+def _detection_rows(chip, path: Path, found: dict) -> list[dict]:
+    """One row per candidate: image, component id, decision, evidence, outline (EPSG:4326)."""
+    from aegir.dataflows.pseudo_labels import EVIDENCE
+    from aegir.utils import geo
+
+    values, geometries = geo.label_polygons(found["candidate_labels"], chip.transform, chip.crs)
+    outlines = dict(zip(values.tolist(), geometries))
+    rows = []
+    for k, decision in enumerate(found["candidate_decisions"]):
+        evidence = {name: float(found["candidate_evidence"][name][k]) for name in EVIDENCE}
+        rows.append({"detection_id": f"{path.stem}:{k + 1}", "image": str(path), "component": k + 1,
+                     "decision": decision, **evidence, "geometry": outlines.get(k + 1)})
+    return rows
+
+
+def _detections_frame(rows: list[dict]):
+    import geopandas as gpd
+
+    if not rows:
+        return gpd.GeoDataFrame({"detection_id": [], "image": [], "decision": []}, geometry=[], crs="EPSG:4326")
+    return gpd.GeoDataFrame(rows, geometry="geometry", crs="EPSG:4326")
+
+
+def round_detections(context: RoundContext, round_index: int):
+    """The detections (GeoDataFrame, EPSG:4326) a round's detect step wrote."""
+    return run_files.read_geoparquet(Path(context.earlier("detect", round_index)["detections_file"]))
+
+
+def _changes(context: RoundContext, detections) -> dict | None:
+    """On the target images without truth (the unlabelled region): the accepted share of the candidates and, from
+    round 1, the accepted detections vs the previous round's: kept (one-to-one match at IoU ≥ 0.5), added,
+    dropped."""
+    from aegir.dataflows.validation import object_level_scores
+
+    def region(frame):
+        truth = set(target_truth(context))
+        return frame[[Path(p).stem not in truth for p in frame["image"]]] if len(frame) else frame
+
+    def accepted_of(frame):
+        return frame[frame["decision"] == "accept"] if len(frame) else frame
+
+    candidates = region(detections)
+    accepted = accepted_of(candidates)
+    share = float(len(accepted) / len(candidates)) if len(candidates) else 0.0
+    if context.round_index == 0:
+        return {"region_candidates": int(len(candidates)), "accepted_share": share}
+    before = accepted_of(region(round_detections(context, context.round_index - 1)))
+    scores = object_level_scores(list(accepted.geometry), list(before.geometry))
+    kept = int(scores["matched"])
+    return {"region_candidates": int(len(candidates)), "accepted_share": share, "kept": kept,
+            "added": int(len(accepted)) - kept, "dropped": int(len(before)) - kept}
+
+
+def _quicklooks(context: RoundContext, looks: list[tuple]) -> str | None:
+    """``round_<k>/quicklooks/detections/``: the target images with the most candidates, each candidate outlined
+    by its decision (accept green, reject red), and a contact sheet."""
+    from aegir.pipelines.quicklook import candidate_quicklooks
+
+    chosen = sorted(looks, key=lambda item: -item[0])[: context.config.quicklook_images]
+    if not chosen:
+        return None
+    panels = [(Path(chip.source).stem, chip, found["candidate_labels"], found["candidate_decisions"])
+              for _, chip, found in chosen]
+    return candidate_quicklooks(panels, context.round_dir / "quicklooks" / "detections")["contact_sheet"]
+
+
+# ---- the per-round table ------------------------------------------------------------------------------------
+
+
+def _metric(block: dict | None, *keys: str) -> float | None:
+    for key in keys:
+        if block is None:
+            return None
+        block = block.get(key)
+    return None if block is None else round(float(block), 4)
+
+
+def round_summary(context: RoundContext) -> dict:
+    """One row of the per-round table (every step of the round recorded)."""
+    data, train = context.earlier("data"), context.earlier("train")
+    evaluation, detect = context.earlier("evaluate"), context.earlier("detect")
+    changes = detect.get("changes") or {}
+    return {"round": context.round_index, "rows": sum(data["rows_by_dataset"].values()),
+            "pseudo_positive": data.get("pseudo_positive", 0), "pseudo_negative": data.get("pseudo_negative", 0),
+            "epochs": train["epochs"], "val_iou": _metric(train, "val_iou"),
+            "seed_test_iou": _metric(evaluation, "seed_test", "pixel_iou"),
+            "seed_test_object_f1": _metric(evaluation, "seed_test", "object", "f1"),
+            "target_iou": _metric(evaluation, "target", "pixel_iou"),
+            "target_object_precision": _metric(evaluation, "target", "object", "precision"),
+            "target_object_recall": _metric(evaluation, "target", "object", "recall"),
+            "target_object_f1": _metric(evaluation, "target", "object", "f1"),
+            "transfer_recall": _metric(evaluation, "transfer", "recall"),
+            "transfer_precision": _metric(evaluation, "transfer", "precision"),
+            "transfer_f1": _metric(evaluation, "transfer", "f1"),
+            "detections": detect["detections"], "accepted": detect["accepted"],
+            "region_candidates": changes.get("region_candidates"),
+            "accepted_share": _metric(changes, "accepted_share"), "kept": changes.get("kept"),
+            "added": changes.get("added"), "dropped": changes.get("dropped"),
+            "admitted_positive": detect["admitted_positive"], "admitted_negative": detect["admitted_negative"],
+            "data_version": data["version"]}
+

@@ -8,7 +8,8 @@ as ``OUT/<stem>.png`` (one band, uint8 0/255, the image's size) and, when the in
 layout as ``aegir masks generate``.
 
 Metrics: :mod:`aegir.utils.mask_metrics` (``mean_iou`` over images, ``pixel_iou`` / ``f1`` / ``precision`` /
-``recall`` over all pixels).
+``recall`` over all pixels); against box annotations (``transfer_box_scores``):
+:func:`aegir.dataflows.transfer_scores.box_detection_scores` (box recall, component precision, F1).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from aegir.dataflows.transfer_scores import box_detection_scores
 from aegir.dataflows.validation import object_level_scores
 from aegir.store import image_files, mask_files
 from aegir.utils.mask_metrics import mask_set_metrics
@@ -118,6 +120,26 @@ def _component_polygons(mask: np.ndarray, x_offset: float) -> list:
     return [shapely.union_all(p) for p in parts.values()]
 
 
+def scored_images(model, image_paths: list[Path], masks_by_stem: dict[str, Path], threshold: float = 0.5,
+                  match_iou: float = 0.5) -> dict:
+    """A loaded model on ``image_paths`` against their masks (by stem; images without one are left out): the
+    pixel metrics of :func:`aegir.utils.mask_metrics.mask_set_metrics` plus ``object`` precision / recall / F1 at
+    IoU ≥ ``match_iou`` (objects: 8-connected components; each image shifted apart so objects never meet)."""
+    pairs = []
+    for path in image_paths:
+        if path.stem not in masks_by_stem:
+            continue
+        chip = mask_files.read_image_chip(path)
+        pairs.append((path.stem, chip_probability(model, chip) >= threshold,
+                      image_files.read_mask(masks_by_stem[path.stem]) > 0))
+    detections, references = [], []
+    for index, (_, pred, truth) in enumerate(pairs):
+        offset = index * 2.0 * (pred.shape[1] + 1)
+        detections += _component_polygons(pred, offset)
+        references += _component_polygons(truth, offset)
+    return mask_set_metrics(pairs) | {"object": object_level_scores(detections, references, match_iou)}
+
+
 def object_and_pixel_scores(checkpoint: str | Path, images_dir: str | Path, masks_dir: str | Path,
                             stems: Iterable[str], threshold: float = 0.5, match_iou: float = 0.5,
                             device: str | None = None) -> dict:
@@ -126,16 +148,33 @@ def object_and_pixel_scores(checkpoint: str | Path, images_dir: str | Path, mask
     ``match_iou`` (:func:`aegir.dataflows.validation.object_level_scores`), objects being the 8-connected
     components of the predicted and the true masks (pixel units; each image is shifted apart so objects of
     different images never meet)."""
-    model = load_rgb_model(checkpoint, device)
     masks = image_files.mask_files_by_stem(masks_dir)
-    wanted = [s for s in stems if s in masks]
-    pairs = []
-    for path, chip in _chips(images_dir, [], set(wanted)):
-        pairs.append((path.stem, chip_probability(model, chip) >= threshold,
-                      image_files.read_mask(masks[path.stem]) > 0))
-    detections, references = [], []
-    for index, (_, pred, truth) in enumerate(pairs):
-        offset = index * 2.0 * (pred.shape[1] + 1)
-        detections += _component_polygons(pred, offset)
-        references += _component_polygons(truth, offset)
-    return mask_set_metrics(pairs) | {"object": object_level_scores(detections, references, match_iou)}
+    wanted = set(stems)
+    paths = [p for p in image_files.list_image_files(images_dir) if p.stem in wanted]
+    return scored_images(load_rgb_model(checkpoint, device), paths, masks, threshold, match_iou)
+
+
+def transfer_box_scores(model_or_checkpoint, images_dir: str | Path, annotations_csv: str | Path,
+                        threshold: float = 0.5, device: str | None = "cpu") -> dict:
+    """Transfer evaluation against box annotations (``filename,xmin,ymin,xmax,ymax`` pixels, e.g. NREL's
+    ``annotations.csv``): every image of ``images_dir`` is predicted (probability ≥ ``threshold`` is PV) and scored
+    by :func:`~aegir.dataflows.transfer_scores.box_detection_scores` (a box is found at ≥ 25 % cover, a component
+    of ≥ 50 px is correct when it touches a box; images without boxes count for precision, annotated images
+    missing from the folder count as missed boxes).
+
+    ``model_or_checkpoint``: an object with ``predict_proba((3, H, W) uint8) -> (H, W)`` or a checkpoint path
+    (:func:`load_rgb_model` on ``device``). Returns the scores plus ``images`` (count predicted), ``threshold``,
+    ``missing_images`` (annotated stems with no readable image) and ``skipped`` ([{file, reason}])."""
+    model = model_or_checkpoint if hasattr(model_or_checkpoint, "predict_proba") else load_rgb_model(
+        model_or_checkpoint, device)
+    boxes = mask_files.read_box_annotations(annotations_csv)
+    skipped: list[dict] = []
+    predicted = {}
+    for path, chip in _chips(images_dir, skipped):
+        try:
+            predicted[path.stem] = np.asarray(chip_probability(model, chip)) >= threshold
+        except ValueError as exc:
+            skipped.append({"file": str(path), "reason": str(exc)})
+    scores = box_detection_scores(predicted, boxes)
+    return scores | {"images": len(predicted), "threshold": threshold,
+                     "missing_images": sorted(set(boxes) - set(predicted)), "skipped": skipped}

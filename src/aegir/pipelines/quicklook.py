@@ -71,6 +71,17 @@ def write_panels(named_panels: list[tuple[str, np.ndarray]], out_dir: str | Path
     return {"written": written, "contact_sheet": str(sheet) if sheet else None}
 
 
+def candidate_quicklooks(panels: list[tuple], out_dir: str | Path) -> dict:
+    """``OUT/<image>.png`` per (name, Chip, (H, W) candidate labels, decisions) — the image with each candidate
+    outlined by its decision (accept green, reject red) — and ``OUT/contact_sheet.png``."""
+    named = []
+    for name, chip, labels, decisions in panels:
+        accepted = [k + 1 for k, d in enumerate(decisions) if d == "accept"]
+        regions = {"accept": np.isin(labels, accepted), "reject": (labels > 0) & ~np.isin(labels, accepted)}
+        named.append((name, decision_outlines(np.ascontiguousarray(np.moveaxis(chip.rgb8(), 0, -1)), regions)))
+    return write_panels(named, out_dir)
+
+
 def quicklook_training_data(settings: Settings, uri: str | None, out_dir: str | Path,
                             filters: dict | None = None, limit: int = 16) -> dict:
     """``OUT/<sample_id>.png`` for up to ``limit`` rows matching ``filters`` (metadata field → value(s), quoted by

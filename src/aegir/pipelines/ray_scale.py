@@ -80,7 +80,7 @@ def training_rows(chips: list, masks: dict, msi: dict, dataset: str, encoding: s
     """``training_data`` rows (validated against the schema of ``s2_levels`` / ``h3_resolution``) from the
     ``training_samples`` stage, as the single-process build makes them."""
     rows = run_stage("training_samples", ["training_rows"], {
-        "sample_chips": chips, "sample_masks": {}, "truth_masks": masks, "msi_chips": msi, "dataset_name": dataset,
+        "sample_chips": chips, "sample_masks": {}, "truth_masks": masks, "ignore_masks": {}, "msi_chips": msi, "dataset_name": dataset,
         "chip_encoding": encoding, "mask_source": "ground_truth", "provenance_params": params,
         "s2_levels": s2_levels, "h3_resolution": h3_resolution,
     })["training_rows"]

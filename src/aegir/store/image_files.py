@@ -24,6 +24,26 @@ def list_image_files(folder: str | Path) -> list[Path]:
     return files
 
 
+def resolve_image_entries(entries: list[str], what: str = "images") -> list[Path]:
+    """Image files named by ``entries``: files, folders (their images, sorted) or glob patterns; an entry that
+    names nothing is a FileNotFoundError naming ``what`` and the entry."""
+    import glob
+
+    paths: list[Path] = []
+    for entry in entries:
+        path = Path(entry)
+        if path.is_dir():
+            paths += list_image_files(path)
+        elif path.is_file():
+            paths.append(path)
+        else:
+            matches = sorted(Path(m) for m in glob.glob(entry) if Path(m).suffix.lower() in IMAGE_SUFFIXES)
+            if not matches:
+                raise FileNotFoundError(f"{what} {entry!r}: no such image file, folder or matching pattern")
+            paths += matches
+    return paths
+
+
 def mask_files_by_stem(folder: str | Path | None) -> dict[str, Path]:
     """File stem → mask path for every image-like file in ``folder`` (empty when folder is None)."""
     if folder is None:

@@ -45,14 +45,20 @@ def read_prompt_file(path: str | Path) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
-def _read_csv_prompts(path: Path) -> pd.DataFrame:
+def _csv_frame(path: Path, what: str = "prompt file") -> pd.DataFrame:
+    """A CSV as a frame with stripped, lower-cased column names (MaskFileError naming the file otherwise)."""
     try:
         frame = pd.read_csv(path)
     except pd.errors.EmptyDataError:
-        raise MaskFileError(f"{path}: the prompt file is empty") from None
+        raise MaskFileError(f"{path}: the {what} is empty") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise MaskFileError(f"{path}: cannot read as CSV ({exc})") from exc
     frame.columns = [str(c).strip().lower() for c in frame.columns]
+    return frame
+
+
+def _read_csv_prompts(path: Path) -> pd.DataFrame:
+    frame = _csv_frame(path)
     has_points = {"x", "y"} <= set(frame.columns)
     missing = [c for c in ("filename", *BOX_COLUMNS) if c not in frame.columns]
     if missing and not ("filename" in frame.columns and has_points):
@@ -68,6 +74,27 @@ def _read_csv_prompts(path: Path) -> pd.DataFrame:
     out["prompt_id"] = [f"{Path(f).stem}#{i}" for i, f in enumerate(out["filename"])]
     out["source_row"] = np.arange(len(out)) + 2  # 1-based, after the header
     return out
+
+
+def read_box_annotations(path: str | Path) -> dict[str, np.ndarray]:
+    """Box annotations of a CSV with ``filename,xmin,ymin,xmax,ymax`` (pixels; other columns ignored; several rows
+    per image) as image stem → (N, 4) float64 ``xmin, ymin, xmax, ymax``. MaskFileError (a ValueError) naming
+    the file when it is missing, unreadable, lacks a column or holds a non-numeric corner."""
+    path = Path(path)
+    if not path.is_file():
+        raise MaskFileError(f"{path}: box annotation file not found")
+    frame = _csv_frame(path, "box annotation file")
+    missing = [c for c in ("filename", *BOX_COLUMNS) if c not in frame.columns]
+    if missing:
+        raise MaskFileError(f"{path}: box annotations lack column(s) {missing}; need filename,xmin,ymin,xmax,ymax "
+                            "(pixel coordinates)")
+    corners = frame[list(BOX_COLUMNS)].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
+    bad = np.flatnonzero(~np.isfinite(corners).all(axis=1))
+    if bad.size:
+        raise MaskFileError(f"{path}: non-numeric box corner(s) on row(s) {(bad + 2).tolist()[:10]} "
+                            "(1-based, after the header)")
+    stems = np.array([Path(str(f).strip()).stem for f in frame["filename"]])
+    return {stem: corners[stems == stem] for stem in dict.fromkeys(stems)}
 
 
 def read_vector_file(path: Path, what: str = "georeferenced prompts"):

@@ -90,6 +90,28 @@ def read_geoparquet(path: str | Path, missing_ok: bool = False):
     return gpd.read_parquet(path)
 
 
+def write_npz(arrays: dict[str, np.ndarray], path: str | Path) -> Path:
+    """``arrays`` as one compressed ``.npz`` (written to a temporary name, then renamed)."""
+    path = _parent(path)
+    partial = path.with_name(path.name + ".partial.npz")
+    np.savez_compressed(partial, **arrays)
+    partial.replace(path)
+    return path
+
+
+def read_npz(path: str | Path) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` file, loaded (no pickles)."""
+    with np.load(path, allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}
+
+
+def write_geoparquet(frame: Any, path: str | Path) -> Path:
+    """A GeoDataFrame as GeoParquet."""
+    path = _parent(path)
+    frame.to_parquet(path)
+    return path
+
+
 def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
     """Rows (dicts with the keys of the first row) → CSV with a header line."""
     path = _parent(path)

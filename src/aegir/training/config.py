@@ -14,6 +14,7 @@ from typing import Any
 
 ARCHITECTURES = ("unet", "fpn", "deeplabv3plus", "unetplusplus", "linknet", "pspnet", "manet", "pan", "segformer")
 INPUTS = ("vhr", "msi", "vhr+msi")
+NORMALIZATIONS = ("dataset", "per_image")
 
 
 class TrainConfigError(ValueError):
@@ -32,8 +33,15 @@ class TrainConfig:
     # model
     arch: str = "unet"
     encoder: str = "resnet18"
-    encoder_weights: str | None = None  # None (random init, offline) or a local state-dict file for the encoder
+    # None: random init (offline). A weight name smp knows for the encoder ("imagenet", "ssl", "swsl", "advprop",
+    # ...; for tu- encoders "imagenet" = timm's default tag, or a timm tag such as "a1_in1k"): downloaded by
+    # segmentation_models_pytorch from the Hugging Face hub when online, read from the HF cache
+    # ($HF_HOME/hub/models--smp-hub--<encoder>.<weights>/snapshots/<commit>/model.safetensors) offline.
+    # A local state-dict file (path / .pth / .pt / .safetensors ...): loaded as stored. Used at training only.
+    encoder_weights: str | None = None
     inputs: str = "vhr"  # vhr (RGB), msi (Sentinel-2 bands, upsampled to the chip grid), vhr+msi (stacked)
+    normalization: str = "dataset"  # dataset: train-split band mean / std; per_image: each chip by its own
+    init_checkpoint: str | None = None  # warm start: weights (and band stats) of this best.ckpt, same arch/encoder
     # optimisation
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -46,6 +54,10 @@ class TrainConfig:
     bce_weight: float = 1.0
     augment: bool = True  # flips + rot90, identical on image and mask
     crop_size: int | None = None  # train on random square crops of this many pixels (None: whole chips)
+    scale_range: list[float] | None = None  # [lo, hi] zoom-out factor per train chip (e.g. [0.35, 1]: 0.1 m → 0.29 m)
+    color_jitter: float = 0.0  # brightness / contrast / saturation / per-band gain drawn in 1 ± this (train only)
+    blur_sigma: float = 0.0  # Gaussian blur, sigma ~ U(0, this) px, on half of the train chips
+    source_weights: dict[str, float] = field(default_factory=dict)  # loss weight per metadata.mask_source (else 1)
     seed: int = 0
     # data
     split_level: int = 15
@@ -54,6 +66,7 @@ class TrainConfig:
     split_salt: str = ""
     dataset_version: int | None = None  # None: the table's current version (recorded in the checkpoint)
     filter_dataset: list[str] = field(default_factory=list)
+    train_only_datasets: list[str] = field(default_factory=list)  # rows of these datasets never go to val / test
     filter_s2_cell: str | None = None  # S2 cell token of any level <= 17: rows inside that cell
     filter_date_from: str | None = None  # metadata.acquired_at >= (ISO date/time, UTC)
     filter_date_to: str | None = None  # metadata.acquired_at < next day of this date (inclusive date)
@@ -81,6 +94,15 @@ class TrainConfig:
             raise TrainConfigError(f"arch {self.arch!r} is not one of {', '.join(ARCHITECTURES)}")
         if self.inputs not in INPUTS:
             raise TrainConfigError(f"inputs {self.inputs!r} is not one of {', '.join(INPUTS)}")
+        if self.normalization not in NORMALIZATIONS:
+            raise TrainConfigError(f"normalization {self.normalization!r} is not one of {', '.join(NORMALIZATIONS)}")
+        if self.scale_range is not None and not (len(self.scale_range) == 2
+                                                 and 0.1 <= self.scale_range[0] <= self.scale_range[1] <= 1):
+            raise TrainConfigError(f"scale_range must be [lo, hi] with 0.1 <= lo <= hi <= 1, got {self.scale_range}")
+        if self.color_jitter < 0 or self.color_jitter >= 1 or self.blur_sigma < 0:
+            raise TrainConfigError("color_jitter must lie in [0, 1) and blur_sigma be >= 0")
+        if any(not w >= 0 for w in self.source_weights.values()):
+            raise TrainConfigError(f"source_weights must be >= 0, got {self.source_weights}")
         if self.mask_target not in ("auto", "truth", "generated"):
             raise TrainConfigError(f"mask_target {self.mask_target!r} is not one of auto, truth, generated")
         if not 1 <= int(self.split_level) <= 17:

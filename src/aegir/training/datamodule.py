@@ -11,7 +11,9 @@
 * **Streaming**: one ``LanceDataset`` per split, pinned to the table version, ``filter = uuid IN (…)``,
   ``shard_granularity="fragment"`` so each DataLoader worker reads its own fragments; workers are spawned
   (Lance is not fork-safe). Chips are decoded by :class:`ChipDecoder` (the ``to_tensor_fn``), training batches go
-  through a shuffle buffer and per-sample flips / rot90 applied identically to image and mask.
+  through a shuffle buffer and per-sample flips / rot90 applied identically to image and mask, then (VHR, when
+  configured) zoom-out, blur and colour jitter (:mod:`aegir.training.augment`). Each sample carries its loss
+  weight by mask source (``source_weights``); rows of ``train_only_datasets`` (pseudo-labels) always train.
 * **Inputs**: ``vhr`` (the RGB chip, uint8), ``msi`` (Sentinel-2 bands, bilinearly resampled onto the chip grid)
   or ``vhr+msi`` (stacked). Per-band mean / std come from the train split; the model normalises (so a checkpoint
   carries its own statistics and predicts from raw uint8 pixels).
@@ -33,6 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from aegir.store import lance_io, sql, training_files
 from aegir.training.config import TrainConfig
+from aegir.training.augment import radiometric_and_scale
 from aegir.training.lance_tensors import decode_chip_column, training_batch_to_tensors
 from aegir.utils import s2geometry
 
@@ -105,7 +108,8 @@ def select_rows(dataset, config: TrainConfig) -> tuple[pa.Table, str | None]:
     clause = lance_io.build_where_clause(_sql_filters(config), dataset.schema)
     where = lance_io.mask_target_filter(config.mask_target) + (f" AND {clause}" if clause else "")
     rows = dataset.to_table(
-        columns={"uuid": "uuid", "s2": "metadata.s2_token_l17", "acquired_at": "metadata.acquired_at"},
+        columns={"uuid": "uuid", "s2": "metadata.s2_token_l17", "acquired_at": "metadata.acquired_at",
+                 "dataset": "metadata.dataset"},
         filter=where,
     )
     keep = np.ones(rows.num_rows, dtype=bool)
@@ -126,7 +130,8 @@ def select_rows(dataset, config: TrainConfig) -> tuple[pa.Table, str | None]:
 
 
 def make_splits(dataset, dataset_uri: str, config: TrainConfig) -> SplitInfo:
-    """Assign the selected rows of ``dataset`` (a lance dataset at a fixed version) to train / val / test."""
+    """Assign the selected rows of ``dataset`` (a lance dataset at a fixed version) to train / val / test; rows of
+    ``config.train_only_datasets`` (e.g. pseudo-labels) always train, and their cells are not listed."""
     rows, where = select_rows(dataset, config)
     info = SplitInfo(dataset_uri, int(dataset.version), config.split_level, config.val_fraction,
                      config.test_fraction, config.split_salt, where, {s: [] for s in SPLITS}, {s: [] for s in SPLITS})
@@ -135,8 +140,9 @@ def make_splits(dataset, dataset_uri: str, config: TrainConfig) -> SplitInfo:
     cells = s2geometry.parent_tokens(rows["s2"].to_numpy(zero_copy_only=False), config.split_level)
     assignment = {c: split_of_cell(c, config.val_fraction, config.test_fraction, config.split_salt)
                   for c in sorted(set(cells.tolist()))}
-    for uuid, cell in zip(rows["uuid"].to_pylist(), cells.tolist()):
-        info.uuids[assignment[cell]].append(uuid)
+    train_only = set(config.train_only_datasets)
+    for uuid, cell, name in zip(rows["uuid"].to_pylist(), cells.tolist(), rows["dataset"].to_pylist()):
+        info.uuids["train" if name in train_only else assignment[cell]].append(uuid)
     for cell, split in assignment.items():
         info.cells[split].append(cell)
     return info
@@ -168,17 +174,22 @@ def decode_msi(batch, size: tuple[int, int]) -> torch.Tensor:
 
 
 class ChipDecoder:
-    """``to_tensor_fn`` of the Lance stream: ``{"image": (B, C, H, W), "mask": (B, H, W) uint8}``.
+    """``to_tensor_fn`` of the Lance stream: ``{"image": (B, C, H, W), "mask": (B, H, W) uint8, "weight": (B,)}``.
 
     ``vhr``: the uint8 RGB chips; ``msi``: float32 Sentinel-2 bands on the chip grid; ``vhr+msi``: both stacked
-    as float32. Picklable (spawned workers rebuild it)."""
+    as float32. ``weight``: the loss weight of each row's ``metadata.mask_source`` in ``source_weights`` (1 when
+    absent). Picklable (spawned workers rebuild it)."""
 
-    def __init__(self, inputs: str = "vhr", mask_target: str = "auto") -> None:
+    def __init__(self, inputs: str = "vhr", mask_target: str = "auto",
+                 source_weights: dict[str, float] | None = None) -> None:
         self.inputs = inputs
         self.mask_target = mask_target
+        self.source_weights = dict(source_weights or {})
 
     def __call__(self, batch, **_: Any) -> dict[str, torch.Tensor]:
         out = training_batch_to_tensors(batch, self.mask_target)
+        sources = _column(batch, "metadata").field("mask_source").to_pylist()
+        out["weight"] = torch.tensor([self.source_weights.get(s or "", 1.0) for s in sources], dtype=torch.float32)
         if self.inputs == "vhr":
             return out
         msi = decode_msi(batch, tuple(out["mask"].shape[-2:]))
@@ -210,18 +221,24 @@ class SplitStream(IterableDataset):
     augmented (train), re-batched to ``batch_size``; ``repeats`` passes per epoch."""
 
     def __init__(self, lance_dataset, batch_size: int, inputs: str, train: bool, augment: bool,
-                 shuffle_buffer: int = 256, repeats: int = 1, crop_size: int | None = None) -> None:
+                 shuffle_buffer: int = 256, repeats: int = 1, crop_size: int | None = None,
+                 scale_range: list[float] | None = None, color_jitter: float = 0.0, blur_sigma: float = 0.0) -> None:
         self.source = lance_dataset
         self.crop_size = crop_size
+        self.scale_range, self.color_jitter, self.blur_sigma = scale_range, color_jitter, blur_sigma
         self.batch_size, self.inputs, self.train, self.augment = batch_size, inputs, train, augment
         self.shuffle_buffer, self.repeats = shuffle_buffer, repeats
 
-    def _samples(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _samples(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         for _ in range(self.repeats):
             for batch in self.source:
-                yield from zip(batch["image"], batch["mask"])
+                yield from zip(batch["image"], batch["mask"], batch["weight"])
 
-    def _shuffled(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    @property
+    def _radiometric(self) -> bool:
+        return bool(self.scale_range or self.color_jitter or self.blur_sigma)
+
+    def _shuffled(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         buffer: list = []
         for sample in self._samples():
             buffer.append(sample)
@@ -231,19 +248,23 @@ class SplitStream(IterableDataset):
             yield buffer.pop(int(torch.randint(len(buffer), ())))
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        images, masks = [], []
-        for image, mask in (self._shuffled() if self.train else self._samples()):
+        images, masks, weights = [], [], []
+        for image, mask, weight in (self._shuffled() if self.train else self._samples()):
             if self.train and self.augment:
                 image, mask = augment_sample(image, mask, int(torch.randint(8, ())))
+                if self._radiometric and self.inputs == "vhr":
+                    image, mask = radiometric_and_scale(image, mask, self.scale_range, self.color_jitter,
+                                                        self.blur_sigma)
             if self.train and self.crop_size:
                 image, mask = random_crop(image, mask, self.crop_size)
             images.append(image)
             masks.append(mask)
+            weights.append(weight)
             if len(images) == self.batch_size:
-                yield {"image": torch.stack(images), "mask": torch.stack(masks)}
-                images, masks = [], []
+                yield {"image": torch.stack(images), "mask": torch.stack(masks), "weight": torch.stack(weights)}
+                images, masks, weights = [], [], []
         if images:
-            yield {"image": torch.stack(images), "mask": torch.stack(masks)}
+            yield {"image": torch.stack(images), "mask": torch.stack(masks), "weight": torch.stack(weights)}
 
 
 # ---- band statistics ---------------------------------------------------------------------------------------
@@ -320,11 +341,12 @@ class LanceSegmentationData(L.LightningDataModule):
         train = split == "train" if train is None else train
         source = LanceDataset(self._dataset, batch_size=cfg.batch_size, columns=READ_COLUMNS,
                               filter=uuid_filter(self.split.uuids[split]),
-                              to_tensor_fn=ChipDecoder(cfg.inputs, cfg.mask_target),
+                              to_tensor_fn=ChipDecoder(cfg.inputs, cfg.mask_target, cfg.source_weights),
                               shard_granularity="fragment")
         return SplitStream(source, cfg.batch_size, cfg.inputs, train=train, augment=cfg.augment and train,
                            shuffle_buffer=cfg.shuffle_buffer, repeats=cfg.epoch_repeats if train else 1,
-                           crop_size=cfg.crop_size)
+                           crop_size=cfg.crop_size, scale_range=cfg.scale_range, color_jitter=cfg.color_jitter,
+                           blur_sigma=cfg.blur_sigma)
 
     def _loader(self, split: str) -> DataLoader:
         workers = self.config.num_workers

@@ -13,7 +13,7 @@ import pyarrow as pa
 import torch
 
 from aegir.store.chip_codec import decode_chip
-from aegir.store.lance_io import training_mask
+from aegir.store.lance_io import MASK_IGNORE, training_mask
 
 
 def _column(batch: pa.RecordBatch | dict, name: str) -> pa.Array:
@@ -45,7 +45,8 @@ def decode_chip_column(array: pa.BinaryArray, encodings: list[str], shapes: list
 
 def training_batch_to_tensors(batch: pa.RecordBatch | dict, mask_target: str = "auto", **_: Any
                               ) -> dict[str, torch.Tensor]:
-    """``image`` (B, C, H, W) uint8/float and ``mask`` (B, H, W) uint8 (0/1) from a batch with ``vhr_image_chip``,
+    """``image`` (B, C, H, W) uint8/float and ``mask`` (B, H, W) uint8 (0/1, ``MASK_IGNORE`` where a pseudo-label
+    has no opinion) from a batch with ``vhr_image_chip``,
     ``generated_mask`` (and ``truth_mask``) and ``metadata`` columns; ``mask_target`` picks the mask
     (:func:`aegir.store.lance_io.training_mask`: by default the truth where a row has it)."""
     meta = _column(batch, "metadata")
@@ -61,4 +62,5 @@ def training_batch_to_tensors(batch: pa.RecordBatch | dict, mask_target: str = "
         meta.field("mask_shape").to_pylist(),
         ["uint8"] * len(meta),
     )
-    return {"image": torch.from_numpy(np.array(image)), "mask": torch.from_numpy((mask > 0).astype(np.uint8))}
+    labels = np.where(mask == MASK_IGNORE, MASK_IGNORE, mask > 0).astype(np.uint8)  # png masks are 0/255
+    return {"image": torch.from_numpy(np.array(image)), "mask": torch.from_numpy(labels)}

@@ -20,11 +20,13 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryF1Score, BinaryJaccardIndex, BinaryPrecision, BinaryRecall
 
 from aegir.store import training_files
+from aegir.store.lance_io import MASK_IGNORE
 from aegir.store.training_files import CHECKPOINT_FORMAT
 from aegir.training.config import TrainConfig
 from aegir.training.predictor import (
@@ -42,31 +44,48 @@ def _smp():
 
 
 def build_network(arch: str, encoder: str, in_channels: int, encoder_weights: str | None = None) -> nn.Module:
-    """An smp network with one output channel (PV logit), randomly initialised (no download), and the encoder
-    loaded from a local state-dict file when ``encoder_weights`` is a path."""
+    """An smp network with one output channel (PV logit): randomly initialised when ``encoder_weights`` is None;
+    the encoder loaded from a local state-dict file when it is a path; pretrained weights by name (``"imagenet"``,
+    any name smp knows for the encoder, a timm tag for ``tu-`` encoders) fetched the smp way (Hugging Face download,
+    or its cache offline) by :func:`aegir.store.training_files.resolve_encoder_weights`. Only training builds call
+    this with weights; trained checkpoints rebuild the network without them."""
     smp = _smp()
     net = smp.create_model(arch, encoder_name=encoder, encoder_weights=None, in_channels=in_channels, classes=1)
-    if encoder_weights:
+    if encoder_weights and not training_files.is_encoder_weights_path(encoder_weights):
+        state = training_files.resolve_encoder_weights(
+            encoder, encoder_weights, in_channels=in_channels, depth=getattr(net.encoder, "_depth", 5),
+            output_stride=getattr(net.encoder, "_output_stride", 32))
+        nn.Module.load_state_dict(net.encoder, state)  # the encoder's own layout: every tensor, strictly
+    elif encoder_weights:
         state = training_files.read_encoder_weights(encoder_weights)
         state = {k.removeprefix("encoder."): v for k, v in state.items()}
-        missing, unexpected = net.encoder.load_state_dict(state, strict=False)
+        missing, _ = nn.Module.load_state_dict(net.encoder, state, strict=False)
         if len(missing) == len(net.encoder.state_dict()):
             raise ValueError(f"encoder_weights {encoder_weights}: no tensor matches encoder {encoder}")
     return net
 
 
 class SegmentationNet(nn.Module):
-    """Normalisation (buffers) + smp network; input raw pixels (B, C, H, W), output logits (B, 1, H, W)."""
+    """Normalisation + smp network; input raw pixels (B, C, H, W), output logits (B, 1, H, W).
+
+    ``normalization``: ``dataset`` subtracts / divides by the train split's per-band mean / std (buffers);
+    ``per_image`` standardises every image by its own per-band mean / std (robust to a new sensor's radiometry)."""
 
     def __init__(self, arch: str, encoder: str, band_mean: list[float], band_std: list[float],
-                 encoder_weights: str | None = None) -> None:
+                 encoder_weights: str | None = None, normalization: str = "dataset") -> None:
         super().__init__()
+        self.normalization = normalization
         self.register_buffer("band_mean", torch.tensor(band_mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("band_std", torch.tensor(band_std, dtype=torch.float32).view(1, -1, 1, 1))
         self.net = build_network(arch, encoder, len(band_mean), encoder_weights)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.net((image.float() - self.band_mean) / self.band_std)
+        image = image.float()
+        if self.normalization == "per_image":
+            mean = image.mean(dim=(2, 3), keepdim=True)
+            std = image.std(dim=(2, 3), keepdim=True).clamp(min=1.0 if self.band_std.mean() > 1 else 1e-3)
+            return self.net((image - mean) / std)
+        return self.net((image - self.band_mean) / self.band_std)
 
 
 class SegmentationLitModule(L.LightningModule):
@@ -78,12 +97,12 @@ class SegmentationLitModule(L.LightningModule):
         self.config = config
         self.band_stats = band_stats
         self.model = SegmentationNet(config.arch, config.encoder, band_stats["mean"], band_stats["std"],
-                                     config.encoder_weights)
-        smp = _smp()
-        self.dice = smp.losses.DiceLoss(mode="binary", from_logits=True)
-        self.bce = nn.BCEWithLogitsLoss()
-        metrics = MetricCollection({"iou": BinaryJaccardIndex(), "f1": BinaryF1Score(),
-                                    "precision": BinaryPrecision(), "recall": BinaryRecall()})
+                                     config.encoder_weights, config.normalization)
+        if config.init_checkpoint:  # the previous model's band statistics come with its weights
+            self.band_stats = warm_start(self.model, config)
+        ignore = {"ignore_index": MASK_IGNORE}
+        metrics = MetricCollection({"iou": BinaryJaccardIndex(**ignore), "f1": BinaryF1Score(**ignore),
+                                    "precision": BinaryPrecision(**ignore), "recall": BinaryRecall(**ignore)})
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
@@ -95,15 +114,16 @@ class SegmentationLitModule(L.LightningModule):
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         logits = self(batch["image"])[:, 0]
         target = batch["mask"].float()
-        loss = self.config.dice_weight * self.dice(logits[:, None], target[:, None]) + \
-            self.config.bce_weight * self.bce(logits, target)
+        weight = batch.get("weight")
+        loss = weighted_dice_bce(logits, target, weight if weight is not None else torch.ones(len(target)),
+                                 self.config.dice_weight, self.config.bce_weight)
         pred = logits.detach() > 0
         metrics = {"train": self.train_metrics, "val": self.val_metrics, "test": self.test_metrics}[stage]
-        metrics.update(pred.long(), batch["mask"].long())
+        metrics.update(pred.long(), batch["mask"].long())  # ignore_index: MASK_IGNORE pixels do not count
         if stage != "train":
-            truth = batch["mask"] > 0
-            inter = (pred & truth).flatten(1).sum(1).float()
-            union = (pred | truth).flatten(1).sum(1).float()
+            truth, known = batch["mask"] == 1, batch["mask"] != MASK_IGNORE
+            inter = (pred & truth & known).flatten(1).sum(1).float()
+            union = ((pred | truth) & known).flatten(1).sum(1).float()
             ious = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
             self._image_ious[stage] += ious.tolist()
         self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True,
@@ -167,6 +187,39 @@ class SegmentationLitModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+def weighted_dice_bce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, dice_weight: float,
+                      bce_weight: float) -> torch.Tensor:
+    """Loss of (B, H, W) logits against (B, H, W) targets (0, 1, or ``MASK_IGNORE``: left out) with a (B,) weight
+    per sample (its mask source): ``dice_weight`` × soft Dice of the weighted batch (one ratio over all known
+    pixels of the samples with PV) + ``bce_weight`` × the weighted mean per-sample BCE over known pixels."""
+    weight = weight.to(logits.device, logits.dtype)
+    norm = weight.sum().clamp(min=1e-6)
+    known = (target != MASK_IGNORE).to(logits.dtype).flatten(1)
+    target = torch.where(target == MASK_IGNORE, torch.zeros_like(target), target)
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1)
+    bce = (bce * known).sum(1) / known.sum(1).clamp(min=1)
+    prob = torch.sigmoid(logits).flatten(1) * known
+    flat = target.flatten(1)
+    has_pv = (flat.sum(1) > 0).to(logits.dtype) * weight
+    inter = (has_pv[:, None] * prob * flat).sum()
+    card = (has_pv[:, None] * (prob + flat)).sum()
+    dice = 1 - (2 * inter + 1e-7) / (card + 1e-7) if has_pv.sum() > 0 else logits.sum() * 0
+    return dice_weight * dice + bce_weight * (weight * bce).sum() / norm
+
+
+def warm_start(net: "SegmentationNet", config: TrainConfig) -> dict[str, list[float]]:
+    """Load ``config.init_checkpoint``'s weights and band statistics into ``net`` (same arch, encoder and input
+    bands, else a ValueError naming the checkpoint); returns those band statistics."""
+    payload = training_files.read_checkpoint(config.init_checkpoint)
+    previous = payload["config"]
+    for key in ("arch", "encoder", "inputs"):
+        if str(previous.get(key)) != str(getattr(config, key)):
+            raise ValueError(f"init_checkpoint {config.init_checkpoint}: {key} is {previous.get(key)!r}, "
+                             f"this run trains {getattr(config, key)!r}")
+    net.load_state_dict(payload["state_dict"])
+    return payload["band_stats"]
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------------
@@ -248,7 +301,7 @@ class SegmentationModel:
         self.device = torch.device(device)
         self.tile, self.overlap, self.batch_size = tile, overlap, batch_size
         self.net = SegmentationNet(self.config["arch"], self.config["encoder"], self.band_stats["mean"],
-                                   self.band_stats["std"])
+                                   self.band_stats["std"], normalization=self.config.get("normalization", "dataset"))
         self.net.load_state_dict(payload["state_dict"])
         self.net.eval().to(self.device)
         self.stride = 32

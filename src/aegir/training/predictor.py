@@ -123,3 +123,24 @@ def blended_probabilities(
     blended = (total / weight_sum).astype(np.float32)
     return blended if valid is None else np.where(valid, blended, np.float32(0))
 
+
+
+def _view(image: np.ndarray, code: int) -> np.ndarray:
+    """Dihedral view ``code`` (0..7: k = code % 4 quarter turns, then a left-right flip if code ≥ 4) of (…, H, W)."""
+    out = np.rot90(image, code % 4, axes=(-2, -1))
+    return np.flip(out, axis=-1) if code >= 4 else out
+
+
+def _unview(probability: np.ndarray, code: int) -> np.ndarray:
+    """The inverse of :func:`_view` on an (H', W') map."""
+    out = np.flip(probability, axis=-1) if code >= 4 else probability
+    return np.rot90(out, -(code % 4), axes=(-2, -1))
+
+
+def view_probabilities(image: np.ndarray, predict_proba: Callable[[np.ndarray], np.ndarray],
+                       views: tuple[int, ...] = (0, 7)) -> np.ndarray:
+    """(V, H, W) float32 PV probabilities of a (C, H, W) image under test-time dihedral ``views`` (codes as in
+    :func:`_view`; the default pair is the image and its transpose, code 7), each mapped back
+    onto the image grid. ``predict_proba``: (C, H, W) → (H, W), e.g. ``SegmentationModel.predict_proba``."""
+    return np.stack([np.ascontiguousarray(_unview(predict_proba(np.ascontiguousarray(_view(image, code))), code))
+                     for code in views]).astype(np.float32)

@@ -326,3 +326,18 @@ def burn_polygons(chip: Chip, polygons_wkb: list[bytes]) -> np.ndarray | None:
     shapes = [transform_geom("EPSG:4326", chip.crs, shapely.geometry.mapping(g)) for g in polygons]
     return rasterize(shapes, out_shape=(chip.height, chip.width), transform=chip.transform, fill=0,
                      default_value=1, dtype="uint8")
+
+
+def chip_centre_lonlat(chip: Chip) -> tuple[float, float]:
+    """(lon, lat) of the chip's centre pixel corner (W / 2, H / 2), EPSG:4326."""
+    lon, lat = pixel_to_lonlat(chip.transform, chip.crs, np.array([chip.width / 2]), np.array([chip.height / 2]))
+    return float(np.asarray(lon)[0]), float(np.asarray(lat)[0])
+
+
+def with_sample(chip: Chip, sample_id: str, provenance: dict | None = None) -> Chip:
+    """The chip as a ``training_data`` sample: ``extras`` sample_id, prompt_wkb (its footprint, EPSG:4326 WKB)
+    and per-sample ``provenance`` (merged into the row's ``params_json``)."""
+    import dataclasses
+
+    extras = {"sample_id": sample_id, "prompt_wkb": chip_footprint_wkb(chip), "provenance": dict(provenance or {})}
+    return dataclasses.replace(chip, extras=extras)

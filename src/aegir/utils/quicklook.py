@@ -55,8 +55,8 @@ def decision_outlines(rgb: np.ndarray, regions: dict[str, np.ndarray], width: in
 
 
 def flywheel_summary_figure(table: list[dict]):
-    """A matplotlib Figure of the per-round table: IoU curves (validation, held-out pixel, held-out object F1) and
-    detections accepted / rejected / for review as stacked bars."""
+    """A matplotlib Figure of the per-round table: quality per round (seed-test and target pixel IoU, target object
+    F1, transfer box F1) and the pseudo-label windows trained on (positive / negative) as stacked bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,18 +65,18 @@ def flywheel_summary_figure(table: list[dict]):
     rounds = [row["round"] for row in table]
     figure = Figure(figsize=(9, 3.6), dpi=100)
     scores, counts = figure.subplots(1, 2)
-    for key, label in (("val_iou", "val IoU"), ("held_out_pixel_iou", "held-out pixel IoU"),
-                       ("held_out_object_f1", "held-out object F1 @ IoU 0.5")):
+    for key, label in (("seed_test_iou", "seed-test pixel IoU"), ("target_iou", "target pixel IoU"),
+                       ("target_object_f1", "target object F1 @ IoU 0.5"), ("transfer_f1", "transfer box F1")):
         values = [np.nan if row.get(key) is None else row[key] for row in table]
         scores.plot(rounds, values, marker="o", label=label)
-    scores.set(xlabel="round", ylim=(0, 1), xticks=rounds, title="quality")
+    scores.set(xlabel="round", ylim=(0, 1), xticks=rounds, title="quality (truth the loop never reads)")
     scores.legend(fontsize=8)
     bottom = np.zeros(len(table))
-    for key, colour in (("accepted", "tab:green"), ("rejected", "tab:red"), ("needs_review", "tab:orange")):
-        values = np.array([row.get(key, 0) for row in table], dtype=float)
+    for key, colour in (("pseudo_positive", "tab:green"), ("pseudo_negative", "tab:grey")):
+        values = np.array([row.get(key) or 0 for row in table], dtype=float)
         counts.bar(rounds, values, bottom=bottom, color=colour, label=key.replace("_", " "))
         bottom += values
-    counts.set(xlabel="round", ylabel="detections", xticks=rounds, title="validation decisions")
+    counts.set(xlabel="round", ylabel="windows", xticks=rounds, title="pseudo-labels trained on")
     counts.legend(fontsize=8)
     figure.tight_layout()
     return figure

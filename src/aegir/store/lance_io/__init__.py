@@ -13,6 +13,7 @@ from aegir.store.lance_io.schema import (
     DEFAULT_TABLE,
     INDEX_COLUMNS,
     LINEAGE_TYPE,
+    MASK_IGNORE,
     MASK_TARGETS,
     METADATA_TYPE,
     PROVENANCE_TYPE,
@@ -30,6 +31,7 @@ from aegir.store.lance_io.schema import (
 from aegir.store.lance_io.summary import class_balance, stored_truth_masks, table_summary
 from aegir.store.lance_io.table import (
     UpsertResult,
+    copy_masked_rows,
     ensure_scalar_indexes,
     open_training_table,
     read_version,
@@ -45,6 +47,7 @@ __all__ = [
     "DEFAULT_TABLE",
     "INDEX_COLUMNS",
     "LINEAGE_TYPE",
+    "MASK_IGNORE",
     "MASK_TARGETS",
     "METADATA_TYPE",
     "PROVENANCE_TYPE",
@@ -53,6 +56,7 @@ __all__ = [
     "UpsertResult",
     "build_where_clause",
     "class_balance",
+    "copy_masked_rows",
     "ensure_scalar_indexes",
     "filter_rows",
     "index_columns",

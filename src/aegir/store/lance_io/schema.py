@@ -127,6 +127,7 @@ def training_data_schema(s2_levels: Sequence[int] = DEFAULT_S2_LEVELS, h3_resolu
 
 
 MASK_TARGETS = ("auto", "truth", "generated")
+MASK_IGNORE = 2  # a stored raw mask's "no opinion" value (pseudo-labels): never trained on, never scored
 
 
 def mask_target_filter(target: str = "auto") -> str:

@@ -176,3 +176,18 @@ def read_version(table: lancedb.table.Table, version: int, columns: Mapping[str,
     if version not in known:
         raise StoreError(f"version {version} of {table.uri} does not exist (versions: {known})")
     return table.to_lance().checkout_version(version).to_table(columns=dict(columns) if columns else None)
+
+
+def copy_masked_rows(source_uri: str, lancedb_root: str, table: lancedb.table.Table) -> dict[str, int]:
+    """Upsert every row of the training table at ``source_uri`` that has a mask (truth or generated) into
+    ``table`` (same S2 levels / H3 resolution, else a StoreError naming both); returns rows per dataset."""
+    source = open_training_table(source_uri, lancedb_root, create=False)
+    rows = source.to_lance().to_table(filter="truth_mask IS NOT NULL OR generated_mask IS NOT NULL")
+    if rows.num_rows == 0:
+        raise StoreError(f"{source_uri}: no rows with a mask to seed from")
+    try:
+        upsert_training_rows(table, rows)
+    except (ValueError, StoreError) as exc:
+        raise StoreError(f"cannot copy the rows of {source_uri} into {table.uri}: {exc}") from exc
+    datasets = rows.column("metadata").combine_chunks().field("dataset").to_pylist()
+    return {name: datasets.count(name) for name in sorted(set(datasets))}
