@@ -1,4 +1,4 @@
-"""Tile-window embeddings and the flywheel's embedding hooks (issue #8) on real data: a 3 × 3 block of Austin tiles,
+"""Tile-window embeddings and the embedding hooks (issue #8) on real data: a 3 × 3 block of Austin tiles,
 the tiny checkpoint trained on the Jiang PV01 chips as encoder, detections from region inference with the
 dark-roof stub model (a fixed, real pattern), split into accepted / rejected by their measured rectangularity.
 

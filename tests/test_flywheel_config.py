@@ -126,3 +126,57 @@ def test_state_refuses_an_unreadable_file(tmp_path):
     (tmp_path / "flywheel_state.json").write_text("{not json")
     with pytest.raises(ValueError, match="flywheel_state.json: unreadable"):
         FlywheelState(tmp_path, load_flywheel_config())
+
+
+def test_target_images_from_files_globs_and_the_imagery_catalog(tmp_path):
+    """``target_images`` entries: a glob and ``catalog:<dataset>`` (images registered in the lakehouse) resolve to
+    the same files; a dataset the catalog does not know is an error naming the entry."""
+    from aegir.pipelines.flywheel_steps import RoundContext, target_image_paths
+    from aegir.pipelines.imagery import register_imagery
+    from conftest import SHARED_DATA
+
+    austin = SHARED_DATA / "vhr" / "nrel_panel_segmentation" / "sol-searcher_data_examples"
+    tiles = sorted(austin.glob("30.301307_-97.70[34]*.png"))
+    assert len(tiles) == 2
+    settings = make_settings(tmp_path)
+    register_imagery(settings, tiles, "austin_pair")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "partition.json").write_text(json.dumps({"labelled": [], "target": [], "test": []}))
+
+    def resolve(entries: list[str]) -> list[Path]:
+        config = load_flywheel_config(target_images=entries)
+        return target_image_paths(RoundContext(settings, config, out, 0, None))
+
+    from_glob = resolve([str(austin / "30.301307_-97.70[34]*.png")])
+    from_catalog = resolve(["catalog:austin_pair"])
+    assert from_glob == tiles and sorted(p.resolve() for p in from_catalog) == [t.resolve() for t in tiles]
+    with pytest.raises(ValueError, match="catalog:nowhere"):
+        resolve(["catalog:nowhere"])
+    with pytest.raises(FileNotFoundError, match="no_such_tile"):
+        resolve([str(austin / "no_such_tile.png")])
+
+
+def test_seed_uri_copies_the_masked_rows_of_another_table(tmp_path):
+    """``seed_uri``: the labelled start is an existing training_data table; every row with a mask is upserted
+    into the run's table with its dataset kept, and a table without masked rows is refused by name."""
+    from aegir.pipelines.dataset import build_dataset_from_images
+    from aegir.store import lance_io
+    from conftest import SHARED_DATA
+
+    jiang = SHARED_DATA / "vhr" / "jiang_pv01"
+    settings = make_settings(tmp_path)
+    images = sorted((jiang / "images").glob("*.bmp"))[:3]
+    source = str(tmp_path / "seed_table" / "training_data")
+    build_dataset_from_images(settings, jiang / "images", jiang / "masks", source, "jiang_three", image_paths=images)
+    run_table = lance_io.open_training_table(str(tmp_path / "run" / "training_data"), settings.lancedb_root)
+    copied = lance_io.copy_masked_rows(source, settings.lancedb_root, run_table)
+    assert copied == {"jiang_three": 3}
+    rows = run_table.to_lance().to_table(columns={"id": "metadata.sample_id", "d": "metadata.dataset"}).to_pylist()
+    assert sorted(r["id"] for r in rows) == [p.stem for p in images] and {r["d"] for r in rows} == {"jiang_three"}
+    assert lance_io.copy_masked_rows(source, settings.lancedb_root, run_table) == {"jiang_three": 3}  # upsert
+    assert run_table.count_rows() == 3
+    empty = str(tmp_path / "empty" / "training_data")
+    lance_io.open_training_table(empty, settings.lancedb_root)
+    with pytest.raises(lance_io.StoreError, match="no rows with a mask"):
+        lance_io.copy_masked_rows(empty, settings.lancedb_root, run_table)

@@ -72,7 +72,8 @@ def flywheel_rounds_table(rounds: list[dict]) -> Table:
     for row in rounds:
         changes = "—" if row.get("kept") is None else f"{row['kept']}/{row['added']}/{row['dropped']}"
         view.add_row(*map(str, (
-            row["round"], row["rows"], f"{row['pseudo_positive']}/{row['pseudo_negative']}", row["epochs"],
+            row["round"], row["rows"], f"{row['pseudo_positive']}/{row['pseudo_negative']}",
+            f"{row['epochs']}" + ("" if row.get("promoted", True) else " (kept k−1)"),
             _score(row["seed_test_iou"]), _score(row["seed_test_object_f1"]), _score(row["target_iou"]),
             "/".join(_score(row[k]) for k in ("target_object_precision", "target_object_recall", "target_object_f1")),
             "/".join(_score(row[k]) for k in ("transfer_precision", "transfer_recall", "transfer_f1")),

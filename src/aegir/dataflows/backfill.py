@@ -1,4 +1,4 @@
-"""Hamilton dataflow: validated detections → ``training_data`` samples for the next flywheel round.
+"""Hamilton dataflow: validated region detections → ``training_data`` samples (chips with masks, hard negatives).
 
 Inputs: ``detections`` (GeoDataFrame, EPSG:4326, one row per detection with ``detection_id`` and ``geometry``),
 ``validation_decisions`` (Arrow table aligned with ``detections``: ``decision`` accept | reject | needs_review),

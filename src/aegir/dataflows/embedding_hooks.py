@@ -1,4 +1,4 @@
-"""Hamilton dataflow: the two embedding hooks of the flywheel, on one round's validated detections.
+"""Hamilton dataflow: the two embedding hooks (issue #8) on a region's validated detections.
 
 (a) **hard-negative mining** (``mined_negative_proposals``): each rejected detection (the model was sure, validation
 said no) is cut as a ``crop_px``² chip centred on it, embedded with the round's encoder, and its ``mine_k`` nearest

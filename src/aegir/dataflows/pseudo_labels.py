@@ -103,8 +103,8 @@ def _box(sl: tuple[slice, slice], margin: int, height: int, width: int) -> list[
 def candidate_evidence(candidate_labels: np.ndarray, view_probabilities: np.ndarray, mean_probability: np.ndarray,
                        image: np.ndarray, mask_factory: Any, gate: PseudoLabelGate) -> dict[str, np.ndarray]:
     """Evidence per candidate component (arrays (N,), component k + 1 at index k; see the module docstring) and
-    ``box`` (N, 4) pixel boxes (xmin, ymin, xmax, ymax). The Mask Factory runs once on the image with every
-    candidate that passes the cheap gates (score, area, excess green, TTA) as a box prompt."""
+    ``box`` (N, 4) pixel boxes (xmin, ymin, xmax, ymax). The Mask Factory draws a mask from the box of every
+    candidate that passes the cheap gates (score, area, excess green, TTA, shape), all in one pass."""
     slices = ndi.find_objects(candidate_labels)
     n = len(slices)
     out = {name: np.zeros(n, np.float64) for name in EVIDENCE}
@@ -122,16 +122,27 @@ def candidate_evidence(candidate_labels: np.ndarray, view_probabilities: np.ndar
         out["area_px"][k] = float(component.sum())
         out["rectangularity"][k] = _rectangularity(component)
         boxes[k] = _box(sl, gate.box_margin_px, height, width)
-    cheap = _passes_cheap_gates(out, gate)
-    if cheap.any():
-        asked = np.flatnonzero(cheap)
-        prompts = pixel_prompts(height, width, boxes=boxes[asked], ids=[str(k + 1) for k in asked])
-        result = mask_factory.segment(np.ascontiguousarray(np.moveaxis(image[:3], 0, -1)), prompts)
-        for k, drawn in zip(asked, result.masks):
+    asked = np.flatnonzero(_passes_cheap_gates(out, gate))
+    if len(asked):
+        drawn = _mask_factory_masks(boxes[asked], np.moveaxis(image[:3], 0, -1), mask_factory)
+        for k, mask in zip(asked, drawn):
             component = candidate_labels == k + 1
-            union = (component | drawn).sum()
-            out["mask_factory_iou"][k] = float((component & drawn).sum() / max(union, 1))
+            out["mask_factory_iou"][k] = float((component & mask).sum() / max(int((component | mask).sum()), 1))
     return out | {"box": boxes}
+
+
+def _mask_factory_masks(boxes: np.ndarray, rgb: np.ndarray, mask_factory: Any, pad: int = 32) -> np.ndarray:
+    """(N, H, W) bool: the Mask Factory's masks from (N, 4) boxes (xmin, ymin, xmax, ymax) on an (H, W, 3) image,
+    in one pass (the offline backend fits one colour model to all of them) over the crop that holds every box
+    plus ``pad`` px."""
+    height, width = rgb.shape[:2]
+    x0, y0 = (max(0, int(v) - pad) for v in boxes[:, :2].min(axis=0))
+    x1, y1 = min(width, int(boxes[:, 2].max()) + pad), min(height, int(boxes[:, 3].max()) + pad)
+    prompts = pixel_prompts(y1 - y0, x1 - x0, boxes=boxes - np.array([x0, y0, x0, y0]))
+    drawn = mask_factory.segment(np.ascontiguousarray(rgb[y0:y1, x0:x1]), prompts).masks
+    out = np.zeros((len(boxes), height, width), bool)
+    out[:, y0:y1, x0:x1] = drawn
+    return out
 
 
 def _passes_cheap_gates(evidence: dict[str, np.ndarray], gate: PseudoLabelGate) -> np.ndarray:

@@ -268,7 +268,7 @@ def similar_tiles(settings: Settings, checkpoint: str | Path, tiles_dir: str | P
             "neighbours": [{key: hit[key] for key in keep} for hit in hits]}
 
 
-# ---- the flywheel's embedding hooks -----------------------------------------------------------------------------
+# ---- the embedding hooks over a region's detections ------------------------------------------------------------
 
 
 def region_label_geometries(settings: Settings, bounds: tuple[float, float, float, float]) -> list:

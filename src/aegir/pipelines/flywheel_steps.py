@@ -4,7 +4,8 @@ and returns a JSON-able result dict.
 * **data** — round 0: the hold-out partition (``OUT/partition.json``) and the labelled seed rows; round k: the
   pseudo-label windows round k − 1 admitted, capped relative to the seed, as rows of ``flywheel_pseudo_r<k>``.
 * **train** — a fixed budget on the pinned version: the seed + this round's pseudo-labels, warm-started from round
-  k − 1's checkpoint; pseudo-label rows always train.
+  k − 1's checkpoint; pseudo-label rows always train. The round's model is promoted only when its validation IoU
+  (the seed's validation cells) is no lower than the previous round's; else the previous model carries on.
 * **evaluate** — the round's model on the seed test part, the target truth and the transfer boxes.
 * **detect** — the model's test-time views over every target image → candidates, their evidence and the gate's
   decisions (``round_<k>/detect/detections.parquet``), the admitted windows (``windows.json`` + ``masks.npz``)
@@ -235,14 +236,24 @@ def round_train_config(context: RoundContext):
 
 
 def step_train(context: RoundContext) -> dict:
-    """Fit the round's model (``round_<k>/train/best.ckpt``)."""
+    """Fit the round's model (``round_<k>/train/best.ckpt``). A challenger whose best validation IoU (the seed's
+    validation cells: the same in every round) is below the previous round's model keeps that model instead
+    (``promoted`` false): a round never hands on a model its own validation says is worse."""
+    from aegir.store import training_files
     from aegir.training.train import run_training
 
     config = round_train_config(context)
     result = run_training(context.table_uri, config, context.round_dir / "train", context.settings.lancedb_root)
+    val_iou = result.best_metrics.get("val/iou")
+    previous = context.earlier("train", context.round_index - 1) if context.round_index else None
+    promoted = previous is None or previous["val_iou"] is None or (val_iou or 0.0) >= previous["val_iou"]
+    if not promoted:
+        payload = training_files.read_checkpoint(previous["checkpoint"])
+        training_files.write_checkpoint(payload, result.best_checkpoint)
     return {"checkpoint": result.best_checkpoint, "data_version": result.data_version,
             "split_counts": result.split_counts, "epochs": result.epochs, "warm_start": config.init_checkpoint,
-            "val_iou": result.best_metrics.get("val/iou"), "fit_seconds": round(result.seconds, 1)}
+            "challenger_val_iou": val_iou, "promoted": promoted,
+            "val_iou": val_iou if promoted else previous["val_iou"], "fit_seconds": round(result.seconds, 1)}
 
 
 # ---- evaluate -----------------------------------------------------------------------------------------------
@@ -438,7 +449,7 @@ def round_summary(context: RoundContext) -> dict:
     changes = detect.get("changes") or {}
     return {"round": context.round_index, "rows": sum(data["rows_by_dataset"].values()),
             "pseudo_positive": data.get("pseudo_positive", 0), "pseudo_negative": data.get("pseudo_negative", 0),
-            "epochs": train["epochs"], "val_iou": _metric(train, "val_iou"),
+            "epochs": train["epochs"], "val_iou": _metric(train, "val_iou"), "promoted": train.get("promoted", True),
             "seed_test_iou": _metric(evaluation, "seed_test", "pixel_iou"),
             "seed_test_object_f1": _metric(evaluation, "seed_test", "object", "f1"),
             "target_iou": _metric(evaluation, "target", "pixel_iou"),

@@ -43,7 +43,7 @@ def plan_grid(
     """Cover ``aoi`` (EPSG:4326) with level-``plan_level`` S2 cells, rank them by nearby lakehouse labels and
     prior ``predicted_pv`` detections, and store the plan (table ``grid_plan``) so a run can resume cell by cell.
 
-    ``cell_boosts`` (token → boost > 0, from the flywheel's find-more-like-this hook) put those cells first; given
+    ``cell_boosts`` (token → boost > 0, from the find-more-like-this embedding hook) put those cells first; given
     for a plan that already exists, they re-rank it (statuses are kept)."""
     con = ducklake.connect(settings)
     try:

@@ -197,7 +197,7 @@ def infer_region(
     ``plan_level`` covering ``aoi``: a vector/WKT file, a bbox string or a shapely geometry, EPSG:4326).
 
     ``progress(done, total)`` is called per cell. ``model`` overrides loading ``checkpoint`` (the checkpoint is
-    still the provenance). ``cell_boosts`` (S2 token at ``plan_level`` → boost > 0, the flywheel's
+    still the provenance). ``cell_boosts`` (S2 token at ``plan_level`` → boost > 0, the
     find-more-like-this hook) are processed before every other cell. Raises ValueError / FileNotFoundError for
     unusable inputs, :class:`NoImageryError`
     when no tile overlaps the AOI.
