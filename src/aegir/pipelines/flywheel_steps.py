@@ -4,8 +4,9 @@ and returns a JSON-able result dict.
 * **data** — round 0: the hold-out partition (``OUT/partition.json``) and the labelled seed rows; round k: the
   pseudo-label windows round k − 1 admitted, capped relative to the seed, as rows of ``flywheel_pseudo_r<k>``.
 * **train** — a fixed budget on the pinned version: the seed + this round's pseudo-labels, warm-started from round
-  k − 1's checkpoint; pseudo-label rows always train. The round's model is promoted only when its validation IoU
-  (the seed's validation cells) is no lower than the previous round's; else the previous model carries on.
+  k − 1's checkpoint; pseudo-label rows always train. The round's model is promoted only when its monitored
+  validation score (the seed's validation cells) is no worse than the previous round's; else the previous model
+  carries on.
 * **evaluate** — the round's model on the seed test part, the target truth and the transfer boxes.
 * **detect** — the model's test-time views over every target image → candidates, their evidence and the gate's
   decisions (``round_<k>/detect/detections.parquet``), the admitted windows (``windows.json`` + ``masks.npz``)
@@ -13,6 +14,9 @@ and returns a JSON-able result dict.
 
 Everything a step reads or writes goes through the store layer (:mod:`aegir.store.lance_io`,
 :mod:`aegir.store.run_files`, :mod:`aegir.store.mask_files`).
+
+Length: the four steps share the round context, the partition / target helpers and the run folder's file layout
+that the per-round table reads back; each step is a few short functions.
 """
 
 from __future__ import annotations
@@ -236,24 +240,30 @@ def round_train_config(context: RoundContext):
 
 
 def step_train(context: RoundContext) -> dict:
-    """Fit the round's model (``round_<k>/train/best.ckpt``). A challenger whose best validation IoU (the seed's
-    validation cells: the same in every round) is below the previous round's model keeps that model instead
-    (``promoted`` false): a round never hands on a model its own validation says is worse."""
+    """Fit the round's model (``round_<k>/train/best.ckpt``, the epoch best on ``monitor``). A challenger whose
+    monitored validation score (the seed's validation cells: the same in every round) is worse than the previous
+    round's model keeps that model instead (``promoted`` false): a round never hands on a model its own
+    validation says is worse."""
     from aegir.store import training_files
+    from aegir.training.litmodule import monitor_sign
     from aegir.training.train import run_training
 
     config = round_train_config(context)
     result = run_training(context.table_uri, config, context.round_dir / "train", context.settings.lancedb_root)
-    val_iou = result.best_metrics.get("val/iou")
+    score = result.best_metrics.get(config.monitor)
     previous = context.earlier("train", context.round_index - 1) if context.round_index else None
-    promoted = previous is None or previous["val_iou"] is None or (val_iou or 0.0) >= previous["val_iou"]
+    promoted = (previous is None or previous.get("val_score") is None or score is None
+                or monitor_sign(config.monitor) * (score - previous["val_score"]) >= 0)
     if not promoted:
         payload = training_files.read_checkpoint(previous["checkpoint"])
         training_files.write_checkpoint(payload, result.best_checkpoint)
+    kept = result.best_metrics if promoted else previous["val_metrics"]
     return {"checkpoint": result.best_checkpoint, "data_version": result.data_version,
             "split_counts": result.split_counts, "epochs": result.epochs, "warm_start": config.init_checkpoint,
-            "challenger_val_iou": val_iou, "promoted": promoted,
-            "val_iou": val_iou if promoted else previous["val_iou"], "fit_seconds": round(result.seconds, 1)}
+            "monitor": config.monitor, "challenger_val_score": score, "promoted": promoted,
+            "val_score": score if promoted else previous["val_score"], "val_iou": kept.get("val/iou"),
+            "val_metrics": {k: v for k, v in kept.items() if k.startswith("val/")},
+            "fit_seconds": round(result.seconds, 1)}
 
 
 # ---- evaluate -----------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Any
 ARCHITECTURES = ("unet", "fpn", "deeplabv3plus", "unetplusplus", "linknet", "pspnet", "manet", "pan", "segformer")
 INPUTS = ("vhr", "msi", "vhr+msi")
 NORMALIZATIONS = ("dataset", "per_image")
+MONITORS = ("val/iou", "val/f1", "val/mean_iou", "val/loss")
 
 
 class TrainConfigError(ValueError):
@@ -48,6 +49,8 @@ class TrainConfig:
     warmup_epochs: int = 2
     max_epochs: int = 60
     max_minutes: float | None = None  # wall-clock cap on fitting (Lightning max_time); best.ckpt is kept
+    monitor: str = "val/iou"  # best.ckpt by: val/iou, val/f1, val/mean_iou (higher) or val/loss (lower: robust
+    #                           when the validation cells hold little PV)
     batch_size: int = 8
     epoch_repeats: int = 1  # passes over the train split per epoch (tiny tables: fewer validation rounds)
     dice_weight: float = 1.0
@@ -94,6 +97,8 @@ class TrainConfig:
             raise TrainConfigError(f"arch {self.arch!r} is not one of {', '.join(ARCHITECTURES)}")
         if self.inputs not in INPUTS:
             raise TrainConfigError(f"inputs {self.inputs!r} is not one of {', '.join(INPUTS)}")
+        if self.monitor not in MONITORS:
+            raise TrainConfigError(f"monitor {self.monitor!r} is not one of {', '.join(MONITORS)}")
         if self.normalization not in NORMALIZATIONS:
             raise TrainConfigError(f"normalization {self.normalization!r} is not one of {', '.join(NORMALIZATIONS)}")
         if self.scale_range is not None and not (len(self.scale_range) == 2

@@ -242,9 +242,14 @@ def checkpoint_payload(module: SegmentationLitModule, data_version: int, dataset
     }
 
 
+def monitor_sign(monitor: str) -> float:
+    """+1 when a higher ``monitor`` value is better (IoU, F1), −1 for losses."""
+    return -1.0 if monitor.endswith("loss") else 1.0
+
+
 class BestCheckpoint(L.Callback):
-    """Writes ``dirpath/best.ckpt`` whenever ``monitor`` (higher is better) improves, and ``last.ckpt`` (same
-    format) after every validation; without validation batches the train metric decides."""
+    """Writes ``dirpath/best.ckpt`` whenever ``monitor`` improves (higher IoU / F1, lower loss), and ``last.ckpt``
+    (same format) after every validation; without validation batches the train IoU decides."""
 
     def __init__(self, dirpath: str | Path, data_version: int, dataset_uri: str, split: dict | None,
                  monitor: str = "val/iou") -> None:
@@ -267,7 +272,7 @@ class BestCheckpoint(L.Callback):
         key = self.monitor if self.monitor in metrics else "train/iou"
         if key not in metrics:
             return
-        score = float(metrics[key])
+        score = monitor_sign(key) * float(metrics[key])
         if math.isnan(score):
             return
         self._save(trainer, module, "last.ckpt")

@@ -77,7 +77,7 @@ def run_training(dataset_uri: str | None, config: TrainConfig, out_dir: str | Pa
     module = SegmentationLitModule(config, data.stats)
     has_val = bool(data.split.uuids["val"])
     best = BestCheckpoint(out, data.dataset_version, data.split.dataset_uri,
-                          data.split.summary() | {"band_stats": data.stats}, monitor="val/iou")
+                          data.split.summary() | {"band_stats": data.stats}, monitor=config.monitor)
     max_time = None
     if config.max_minutes:
         seconds = int(config.max_minutes * 60)
