@@ -145,23 +145,26 @@ def _mask_factory_masks(boxes: np.ndarray, rgb: np.ndarray, mask_factory: Any, p
     return out
 
 
+def _gate_tests(evidence: dict[str, np.ndarray], gate: PseudoLabelGate) -> list[tuple[str, np.ndarray]]:
+    """(gate name, (N,) bool passed) in the order decisions report them; the Mask Factory's comes last (a missing
+    opinion fails)."""
+    return [("score", evidence["score"] >= gate.min_score),
+            ("area", evidence["area_px"] >= gate.min_area_px),
+            ("vegetation", evidence["excess_green"] <= gate.max_excess_green),
+            ("tta", evidence["tta_agreement"] >= gate.min_tta_agreement),
+            ("shape", evidence["rectangularity"] >= gate.min_rectangularity),
+            ("mask_factory", np.nan_to_num(evidence["mask_factory_iou"], nan=-1.0) >= gate.min_mask_factory_iou)]
+
+
 def _passes_cheap_gates(evidence: dict[str, np.ndarray], gate: PseudoLabelGate) -> np.ndarray:
-    return ((evidence["score"] >= gate.min_score) & (evidence["area_px"] >= gate.min_area_px)
-            & (evidence["excess_green"] <= gate.max_excess_green)
-            & (evidence["tta_agreement"] >= gate.min_tta_agreement)
-            & (evidence["rectangularity"] >= gate.min_rectangularity))
+    """(N,) bool: every gate but the Mask Factory's passes (only those candidates are worth its pass)."""
+    return np.logical_and.reduce([passed for name, passed in _gate_tests(evidence, gate) if name != "mask_factory"])
 
 
 def candidate_decisions(candidate_evidence: dict[str, np.ndarray], gate: PseudoLabelGate) -> list[str]:
     """``accept`` or ``reject:<first failed gate>`` per candidate: every gate must pass (a missing Mask Factory
     opinion fails)."""
-    tests = (("score", candidate_evidence["score"] >= gate.min_score),
-             ("area", candidate_evidence["area_px"] >= gate.min_area_px),
-             ("vegetation", candidate_evidence["excess_green"] <= gate.max_excess_green),
-             ("tta", candidate_evidence["tta_agreement"] >= gate.min_tta_agreement),
-             ("shape", candidate_evidence["rectangularity"] >= gate.min_rectangularity),
-             ("mask_factory", np.nan_to_num(candidate_evidence["mask_factory_iou"], nan=-1.0)
-              >= gate.min_mask_factory_iou))
+    tests = _gate_tests(candidate_evidence, gate)
     decisions = []
     for k in range(len(candidate_evidence["score"])):
         failed = next((name for name, passed in tests if not passed[k]), None)
