@@ -9,6 +9,7 @@ part of the normal suite."""
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import re
@@ -38,7 +39,7 @@ def flywheel_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("flywheel")
     settings = make_settings(root)
     config = load_flywheel_config(rounds=ROUNDS, target_images=[str(p) for p in AUSTIN_TILES],
-                                  train={"max_minutes": 1.0})
+                                  train={"max_steps": 48})
     out = root / "out"
     calls: list[tuple[int, str, bool]] = []
     table = run_flywheel(settings, out, config, on_step=lambda r, s, result, skipped: calls.append((r, s, skipped)))
@@ -105,13 +106,16 @@ def test_round_0_detections_become_round_1_pseudo_rows(flywheel_run):
 def test_no_held_out_truth_ever_trains(flywheel_run):
     out, settings = flywheel_run["out"], flywheel_run["settings"]
     parts = json.loads((out / "partition.json").read_text())
-    stems = {name: {Path(p).stem for p in files} for name, files in parts.items()}
-    assert sum(len(s) for s in stems.values()) == 60 and stems["test"] and stems["target"]
-    assert not (stems["labelled"] & stems["target"] or stems["labelled"] & stems["test"]
-                or stems["target"] & stems["test"])
+    stems = {name: {Path(p).stem for p in parts[name]} for name in ("labelled", "val", "target", "test")}
+    assert sum(len(s) for s in stems.values()) == 60 and stems["test"] and stems["target"] and stems["val"]
+    assert all(not (stems[a] & stems[b]) for a, b in itertools.combinations(stems, 2))
     rows = _rows(settings)
     seed = [r for r in rows if r["dataset"] == "flywheel_seed"]
-    assert {Path(r["file"]).stem for r in seed} == stems["labelled"] and all(r["has_truth"] for r in seed)
+    assert {Path(r["file"]).stem for r in seed} == stems["labelled"] | stems["val"]
+    assert all(r["has_truth"] for r in seed)
+    for k in range(ROUNDS + 1):  # the val part's cells are every round's validation split, and nothing else is
+        split = json.loads((out / f"round_{k}" / "train" / "split.json").read_text())
+        assert split["counts"]["val"] == len(stems["val"]) and split["cells"]["val"] == parts["val_cells"]
     for row in rows:
         stem = Path(row["file"]).stem
         assert stem not in stems["test"], row["sample_id"]  # the seed test part: never a row of any kind
@@ -172,7 +176,7 @@ def _read_state(path: Path) -> dict | None:
 def test_sigkill_during_training_then_resume(tmp_path):
     config = tmp_path / "flywheel.toml"
     config.write_text(f'[flywheel]\nrounds = 1\ntarget_images = ["{AUSTIN_TILES[0]}"]\ntransfer_images = ""\n'
-                      "[flywheel.train]\nmax_minutes = 0.3\n")  # no transfer scoring: the test is about resuming
+                      "[flywheel.train]\nmax_steps = 12\n")  # no transfer scoring: the test is about resuming
     out = tmp_path / "out"
     command = [sys.executable, "-m", "aegir", "flywheel", "--config", str(config), "--out", str(out)]
     env = _cli_env(tmp_path)

@@ -188,6 +188,21 @@ def test_every_component_is_kept_by_exactly_one_cell(settings, tmp_path):
     frame = gpd.read_parquet(tmp_path / "out" / "detections.parquet")
     assert len(frame) == labels.max() and frame["pixel_count"].sum() == (labels > 0).sum()
     assert frame.groupby("cell_token").size().size > 1
+    # installations: the plan's detections merged within gap_m (5 m), inside the imagery, in the lakehouse too
+    installations = gpd.read_parquet(tmp_path / "out" / "installations.parquet")
+    assert installations.crs.to_epsg() == 4326 and 1 <= len(installations) == report.installations < len(frame)
+    assert report.installations_parquet == str(tmp_path / "out" / "installations.parquet")
+    assert len(gpd.read_file(report.installations_gpkg)) == len(installations)
+    assert installations.geometry.is_valid.all()
+    assert installations.geometry.covered_by(region.buffer(NAME_ROUNDING_DEG)).all()
+    assert installations["detection_count"].sum() == len(frame)
+    assert sorted(i for ids in installations["detection_ids"] for i in ids) == sorted(frame["detection_id"])
+    assert installations["area_m2"].sum() == pytest.approx(frame["area_m2"].sum(), rel=1e-6)  # unions of disjoint
+    con = ducklake.connect(settings)
+    try:
+        assert ducklake.read_installations(con, settings, report.plan_id).num_rows == len(installations)
+    finally:
+        con.close()
 
 
 def test_cell_probabilities_join_without_seams(settings, tmp_path):
@@ -296,3 +311,33 @@ def test_an_aoi_selects_cells_and_an_aoi_without_imagery_is_a_clear_error(settin
     result = runner.invoke(app, ["infer", "region", "--aoi", str(boston), "--checkpoint", str(checkpoint), "--out",
                                  str(tmp_path / "cli")], env=env)
     assert result.exit_code == 1 and "--tiles DIR" in result.output
+
+
+def test_the_cli_merges_installations_by_gap_m_and_prints_their_count(settings, tmp_path, monkeypatch):
+    """``aegir infer region --gap-m``: the stub model replaces the checkpoint's; re-runs with another gap skip every
+    cell and re-merge the same detections (the plan's installations replaced, fewer with a wider gap)."""
+    from aegir.pipelines import region
+
+    real = region.infer_region
+    monkeypatch.setattr(region, "infer_region", lambda *args, **kwargs: real(*args, **kwargs, model=DarkRoofs()))
+    tiles_dir, checkpoint, out = _tiles_dir(tmp_path / "tiles", 1, 2), _stub_checkpoint(tmp_path), tmp_path / "out"
+    centre = region_files.tile_index(tiles_dir)[0][0].footprint.centroid
+    aoi = f"{centre.x - 5e-4},{centre.y - 5e-4},{centre.x + 5e-4},{centre.y + 5e-4}"  # ~100 m: a few level-16 cells
+    args = ["infer", "region", "--tiles", str(tiles_dir), "--checkpoint", str(checkpoint), "--out", str(out),
+            "--aoi", aoi, "--plan-level", "16"]
+    env = _env(settings)
+    text = runner.invoke(app, [*args, "--gap-m", "0"], env=env)
+    assert text.exit_code == 0, text.output
+    close = json.loads(runner.invoke(app, [*args, "--gap-m", "0", "--json"], env=env).stdout.strip().splitlines()[-1])
+    assert f"{close['installations']} installations (gap 0 m)" in " ".join(text.output.split())
+    wide = json.loads(runner.invoke(app, [*args, "--gap-m", "20", "--json"], env=env).stdout.strip().splitlines()[-1])
+    assert wide["plan_id"] == close["plan_id"] and wide["processed"] == [] and wide["gap_m"] == 20.0
+    assert 1 <= wide["installations"] < close["installations"] <= wide["detections"]
+    assert len(gpd.read_parquet(out / "installations.parquet")) == wide["installations"]
+    con = ducklake.connect(settings)
+    try:
+        assert ducklake.read_installations(con, settings, wide["plan_id"]).num_rows == wide["installations"]
+    finally:
+        con.close()
+    bad = runner.invoke(app, [*args, "--gap-m", "-1"], env=env)
+    assert bad.exit_code == 1 and "gap_m must be a finite distance >= 0 metres" in bad.output

@@ -47,6 +47,20 @@ def test_splits_are_spatially_disjoint_deterministic_and_cover_every_row(jiang_t
     assert make_splits(dataset, uri, TrainConfig(split_level=15, split_salt="other")).uuids != split.uuids
 
 
+def test_val_cells_are_the_validation_split(jiang_table):
+    _, uri, dataset = jiang_table
+    rows = _rows(dataset)
+    tokens = sorted({s2cell.lat_lon_to_token(r["lat"], r["lon"], 16) for r in rows})[:3]
+    inside = {r["uuid"] for r in rows if s2cell.lat_lon_to_token(r["lat"], r["lon"], 16) in tokens}
+    split = make_splits(dataset, uri, TrainConfig(split_level=15, val_cells=tokens, test_fraction=0.3))
+    assert set(split.uuids["val"]) == inside and 0 < len(inside) < 60
+    assert sum(split.counts().values()) == 60 and split.counts()["test"] > 0  # the rest: train / test by hash
+    with pytest.raises(TrainConfigError, match="one level"):
+        TrainConfig(val_cells=[tokens[0], tokens[0][:-1]])
+    with pytest.raises(TrainConfigError, match="val_cells"):
+        TrainConfig(val_cells=["not-a-token"])
+
+
 def test_metadata_filters_select_rows(jiang_table):
     _, uri, dataset = jiang_table
     rows = _rows(dataset)
@@ -117,6 +131,27 @@ def test_cli_training_writes_a_weights_only_checkpoint_with_its_provenance(train
     assert split["dataset_version"] == dataset.version and sum(len(v) for v in split["uuids"].values()) == 60
     assert (out / "logs" / "csv" / "metrics.csv").is_file()
     assert list((out / "wandb").glob("offline-run-*")), "W&B should log offline without an API key"
+
+
+def test_ema_checkpoint_keeps_the_moving_average_of_a_warm_start(trained, jiang_table, tmp_path):
+    """Two real one-epoch runs from the same warm start at a high learning rate: with ema_decay 0.999 the kept
+    weights stay within a few per mille of the start (the average of two steps), without EMA they move away."""
+    from aegir.training.train import run_training
+
+    out, _ = trained
+    settings, uri, _ = jiang_table
+    start = read_checkpoint(out / "best.ckpt")["state_dict"]
+    moved = {}
+    for decay in (0.0, 0.999):
+        config = TrainConfig(init_checkpoint=str(out / "best.ckpt"), ema_decay=decay, lr=0.05, warmup_epochs=0,
+                             max_epochs=1, batch_size=4, limit_train_batches=2, limit_val_batches=1, wandb=False,
+                             progress_bar=False, accelerator="cpu", threads=2)
+        result = run_training(uri, config, tmp_path / f"ema_{decay}", settings.lancedb_root)
+        kept = read_checkpoint(result.best_checkpoint)
+        assert kept["config"]["ema_decay"] == decay
+        moved[decay] = sum(float((kept["state_dict"][k].float() - v.float()).norm()) for k, v in start.items()
+                           if v.is_floating_point())
+    assert moved[0.0] > 0 and moved[0.999] < 0.02 * moved[0.0], moved
 
 
 def test_checkpoint_reader_rejects_foreign_files(tmp_path):

@@ -1,8 +1,8 @@
 """The ``aegir`` command line: parses arguments, calls a pipeline or store function, prints. No logic here.
 
-This module is the map of commands: each group lives in its own module (``labels``, ``imagery``, ``dataset``, ``masks``,
-``training``, ``region``, ``search``, ``flywheel``, ``tools``), tables and report lines in ``render``, and the shared
-consoles / settings / error exit in ``common``.
+This module is the map of commands: each group lives in its own module (``labels``, ``imagery``, ``dataset``,
+``masks``, ``training``, ``region``, ``plan``, ``search``, ``flywheel``, ``tools``), tables and report lines in
+``render``, and the shared consoles / settings / error exit in ``common``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from aegir.cli import dataset, flywheel, imagery, labels, masks, region, search, tools, training
+from aegir.cli import dataset, flywheel, imagery, labels, masks, plan, region, search, tools, training
 from aegir.cli.common import fail
 from aegir.config import ConfigError, load_settings
 
@@ -41,6 +41,7 @@ app.command("predict")(training.predict)
 app.command("evaluate")(training.evaluate)
 app.add_typer(training.yolo_app, name="yolo")
 app.add_typer(region.infer_app, name="infer")
+app.add_typer(plan.plan_app, name="plan")
 app.command("flywheel")(flywheel.flywheel)
 app.command("quicklook")(flywheel.quicklook)
 app.command("browse")(tools.browse)

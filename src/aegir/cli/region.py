@@ -20,17 +20,19 @@ infer_app = typer.Typer(help="Inference over regions: resumable S2 grid plans of
 def infer_region(
     ctx: typer.Context,
     checkpoint: Annotated[Path, typer.Option(help="A checkpoint from `aegir train` (best.ckpt).")],
-    out: Annotated[Path, typer.Option(help="Folder for OUT/cells/<token>.tif (probability COGs) and OUT/detections.parquet / .gpkg.")],
+    out: Annotated[Path, typer.Option(help="Folder for OUT/cells/<token>.tif (probability COGs), OUT/detections.parquet / .gpkg and OUT/installations.parquet / .gpkg.")],
     tiles: Annotated[Optional[Path], typer.Option(help="Folder of image tiles (named PNG/BMP, GeoTIFF): the imagery to read.")] = None,
     aoi: Annotated[Optional[str], typer.Option(help="AOI: GeoJSON/GPKG/GeoParquet file, a WKT file, or min_lon,min_lat,max_lon,max_lat (default: the tiles' extent).")] = None,
     plan_level: Annotated[int, typer.Option(help="S2 level of the work cells (14 ≈ 600 m, 15 ≈ 300 m).")] = 14,
     tile_px: Annotated[int, typer.Option(help="Model tile size in pixels.")] = 512,
     overlap_px: Annotated[int, typer.Option(help="Overlap of neighbouring model tiles in pixels (blended).")] = 64,
     threshold: Annotated[float, typer.Option(help="PV probability threshold of a detection.")] = 0.5,
+    gap_m: Annotated[float, typer.Option(help="Detections at most this many metres apart form one installation.")] = 5.0,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when present).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
-    """PV probabilities and detections over a region, cell by cell; a re-run finishes only what is left."""
+    """PV probabilities, detections and installations over a region, cell by cell; a re-run finishes only what is
+    left."""
     from aegir.pipelines.region import infer_region as run_region
 
     try:
@@ -38,7 +40,7 @@ def infer_region(
             task = bar.add_task("cells", total=None)
             report = run_region(settings_of(ctx), checkpoint, out, tiles, aoi, plan_level, tile_px, overlap_px, threshold,
                                 progress=lambda done, total: bar.update(task, completed=done, total=total),
-                                device=device)
+                                device=device, gap_m=gap_m)
     except (ValueError, FileNotFoundError, ducklake.StoreError) as exc:
         fail(str(exc))
     if as_json:
@@ -46,7 +48,9 @@ def infer_region(
     else:
         console.print(f"plan {report.plan_id}: {len(report.processed)} cells done now, {len(report.skipped_done)} "
                       f"already done, {len(report.failed)} failed, {len(report.no_imagery)} without imagery; "
-                      f"{report.detections} detections in {report.detections_parquet} and {report.detections_gpkg} "
+                      f"{report.detections} detections in {report.detections_parquet} and {report.detections_gpkg}, "
+                      f"{report.installations} installations (gap {report.gap_m:g} m) in "
+                      f"{report.installations_parquet} and {report.installations_gpkg} "
                       f"({report.chips_per_s:.1f} chips/s)", highlight=False)
     for item in report.failed:
         errors.print(f"[red]failed:[/] cell {item['cell_token']}: {item['reason']}", highlight=False)

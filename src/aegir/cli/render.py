@@ -65,9 +65,11 @@ def _score(value: float | None) -> str:
 
 def flywheel_rounds_table(rounds: list[dict]) -> Table:
     """One line per flywheel round: training rows, quality on truth the loop never reads, target detections
-    (region: the target images without truth)."""
+    ("accepted on true PV": the accepted candidates' share on target truth, scored after the gate; region: the
+    target images without truth)."""
     view = Table("round", "rows", "pseudo +/−", "epochs", "seed-test IoU", "seed-test obj. F1", "target IoU",
-                 "target obj. P/R/F1", "transfer box P/R/F1", "detections", "accepted", "region accepted share",
+                 "target obj. P/R/F1", "transfer box P/R/F1", "detections", "accepted", "accepted on true PV",
+                 "region accepted share",
                  "region kept/added/dropped", "windows admitted +/−", "version")
     for row in rounds:
         changes = "—" if row.get("kept") is None else f"{row['kept']}/{row['added']}/{row['dropped']}"
@@ -77,7 +79,8 @@ def flywheel_rounds_table(rounds: list[dict]) -> Table:
             _score(row["seed_test_iou"]), _score(row["seed_test_object_f1"]), _score(row["target_iou"]),
             "/".join(_score(row[k]) for k in ("target_object_precision", "target_object_recall", "target_object_f1")),
             "/".join(_score(row[k]) for k in ("transfer_precision", "transfer_recall", "transfer_f1")),
-            row["detections"], row["accepted"], _score(row.get("accepted_share")), changes,
+            row["detections"], row["accepted"], _score(row.get("accepted_precision")),
+            _score(row.get("accepted_share")), changes,
             f"{row['admitted_positive']}/{row['admitted_negative']}", row["data_version"])))
     return view
 

@@ -21,9 +21,10 @@ def _cell_order(cells: list[str], salt: str) -> list[str]:
 def holdout_parts(centres_lonlat: np.ndarray, level: int, shares: dict[str, float], salt: str) -> list[str]:
     """The part of every image ((N, 2) lon/lat centres): ``labelled`` or one of ``shares``' names.
 
-    Cells at ``level`` are taken largest first (ties in salted-hash order) and each goes, whole, to the part furthest below its target
-    count (share × N; ``labelled`` takes the rest), so parts never share a cell and their sizes come as close to
-    the shares as the cell sizes allow; ties between parts go by a salted order of their names."""
+    Cells at ``level`` are taken largest first (ties in salted-hash order) and each goes, whole, to the part with
+    the most images still missing from its target count (share × N; ``labelled`` takes the rest), so parts never
+    share a cell, a small part is filled with small cells, and sizes come as close to the shares as the cell sizes
+    allow; ties between parts go by a salted order of their names."""
     tokens = s2geometry.s2_tokens(centres_lonlat[:, 1], centres_lonlat[:, 0], level).tolist()
     counts = {c: tokens.count(c) for c in set(tokens)}
     total = len(tokens)
@@ -33,7 +34,7 @@ def holdout_parts(centres_lonlat: np.ndarray, level: int, shares: dict[str, floa
     filled = {name: 0 for name in targets}
     part_of: dict[str, str] = {}
     for cell in _cell_order(tokens, salt):
-        name = max(targets, key=lambda n: (targets[n] - filled[n]) / max(targets[n], 1e-9))
+        name = max(targets, key=lambda n: targets[n] - filled[n])
         part_of[cell] = name
         filled[name] += counts[cell]
     return [part_of[t] for t in tokens]

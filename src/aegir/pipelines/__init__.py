@@ -16,10 +16,12 @@ from hamilton import base, driver
 
 from aegir.dataflows import (
     backfill,
+    capacity_fit,
     chip_embeddings,
     embedding_hooks,
     grid_plan,
     imagery_catalog,
+    installations,
     label_image_join,
     label_import,
     lakehouse_samples,
@@ -46,6 +48,8 @@ STAGES: dict[str, tuple[ModuleType, ...]] = {
     "mask_labels": (mask_labels,),
     "grid_plan": (grid_plan,),
     "region_inference": (region_inference,),
+    "installations": (installations,),
+    "capacity_fit": (capacity_fit,),
     "validation": (validation,),
     "backfill": (backfill,),
     "pseudo_labels": (pseudo_labels,),

@@ -196,12 +196,13 @@ def run_flywheel(settings: Settings, out_dir: str | Path, config: FlywheelConfig
     """Run (or resume) rounds 0..``config.rounds``; returns the per-round table rows. ``on_step(round, step,
     result, skipped)`` is called after every step (``skipped``: it was already done)."""
     from aegir.pipelines import flywheel_steps as steps
+    from aegir.pipelines.flywheel_detect import step_detect
 
     out = run_files.ensure_dir(out_dir)
     config = (config or load_flywheel_config()).resolved(settings)
     state = FlywheelState(out, config)
     functions = {"data": steps.step_data, "train": steps.step_train, "evaluate": steps.step_evaluate,
-                 "detect": steps.step_detect}
+                 "detect": step_detect}
     table = []
     for round_index in range(0, config.rounds + 1):
         context = steps.RoundContext(settings, config, out, round_index, state)

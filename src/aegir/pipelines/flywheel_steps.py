@@ -8,15 +8,10 @@ and returns a JSON-able result dict.
   validation score (the seed's validation cells) is no worse than the previous round's; else the previous model
   carries on.
 * **evaluate** — the round's model on the seed test part, the target truth and the transfer boxes.
-* **detect** — the model's test-time views over every target image → candidates, their evidence and the gate's
-  decisions (``round_<k>/detect/detections.parquet``), the admitted windows (``windows.json`` + ``masks.npz``)
-  for the next round, the change against the previous round, and quicklooks.
+* **detect** — in :mod:`aegir.pipelines.flywheel_detect`.
 
 Everything a step reads or writes goes through the store layer (:mod:`aegir.store.lance_io`,
 :mod:`aegir.store.run_files`, :mod:`aegir.store.mask_files`).
-
-Length: the four steps share the round context, the partition / target helpers and the run folder's file layout
-that the per-round table reads back; each step is a few short functions.
 """
 
 from __future__ import annotations
@@ -34,7 +29,7 @@ from aegir.store import image_files, run_files
 
 SEED_DATASET = "flywheel_seed"
 PSEUDO_SOURCE, NEGATIVE_SOURCE = "flywheel:pseudo", "flywheel:negative"
-PARTS = ("labelled", "target", "test")
+PARTS = ("labelled", "val", "target", "test")
 
 
 @dataclass
@@ -80,26 +75,32 @@ def training_table(context: RoundContext):
 
 
 def partition(context: RoundContext) -> dict[str, list[str]]:
-    """``OUT/partition.json``: the seed images by part (labelled / target / test), whole S2 cells at
-    ``holdout_level`` per part; written in round 0, read afterwards."""
+    """``OUT/partition.json``: the seed images by part (labelled / val / target / test), whole S2 cells at
+    ``holdout_level`` per part, and ``val_cells`` (the val part's cells); written in round 0, read afterwards.
+
+    The val part (``val_fraction`` of the labelled share) is labelled and trains nothing: it picks each round's
+    best epoch and decides promotion, the same cells every round."""
     from aegir.dataflows.holdout import holdout_parts
     from aegir.store import mask_files
-    from aegir.utils import geo
+    from aegir.utils import geo, s2geometry
 
     path = context.out / "partition.json"
     if run_files.is_file(path):
-        return run_files.read_json(path)
+        return {"val": [], "val_cells": []} | run_files.read_json(path)
     cfg = context.config
     images = image_files.list_image_files(cfg.seed_images) if cfg.seed_images else []
     shares = {"target": cfg.holdout_target_share, "test": cfg.holdout_test_share}
-    if not images or not any(shares.values()):
-        parts = {"labelled": [str(p) for p in images], "target": [], "test": []}
-    else:
+    parts: dict[str, list[str]] = {part: [] for part in PARTS} | {"labelled": [str(p) for p in images]}
+    if images and any(shares.values()):
+        shares["val"] = float(cfg.train.get("val_fraction", 0.0)) * (1 - sum(shares.values()))
         centres = np.array([geo.chip_centre_lonlat(mask_files.read_image_chip(p)) for p in images])
         names = holdout_parts(centres, cfg.holdout_level, shares, str(cfg.seed))
         parts = {part: [str(p) for p, n in zip(images, names) if n == part] for part in PARTS}
+        val = np.array([n == "val" for n in names], dtype=bool)
+        parts["val_cells"] = sorted(set(s2geometry.s2_tokens(centres[val, 1], centres[val, 0],
+                                                             cfg.holdout_level).tolist()))
     run_files.write_json(parts, path, atomic=True)
-    return parts
+    return {"val_cells": []} | parts
 
 
 def target_image_paths(context: RoundContext) -> list[Path]:
@@ -162,11 +163,11 @@ def _seed_rows(context: RoundContext) -> dict:
 
         copied = lance_io.copy_masked_rows(cfg.seed_uri, context.settings.lancedb_root, training_table(context))
         return {"seed_uri": cfg.seed_uri, "seed_datasets": sorted(copied), "seed_rows_copied": copied,
-                "parts": {k: len(v) for k, v in parts.items()}}
+                "parts": {k: len(parts[k]) for k in PARTS}}
     report = build_dataset_from_images(context.settings, cfg.seed_images, cfg.seed_masks, context.table_uri,
-                                       SEED_DATASET, image_paths=[Path(p) for p in parts["labelled"]])
+                                       SEED_DATASET, image_paths=[Path(p) for p in parts["labelled"] + parts["val"]])
     return {"seed_datasets": [SEED_DATASET], "seed_rows_inserted": report.inserted, "skipped": report.skipped,
-            "parts": {k: len(v) for k, v in parts.items()}}
+            "parts": {k: len(parts[k]) for k in PARTS}}
 
 
 def _caps(context: RoundContext) -> tuple[int, int]:
@@ -224,7 +225,8 @@ def _pseudo_rows(context: RoundContext) -> dict:
 
 def round_train_config(context: RoundContext):
     """The round's TrainConfig: the configured budget, the pinned version, the seed + this round's pseudo rows,
-    the previous checkpoint as the start, no test cells when the seed has a test part."""
+    the previous checkpoint as the start, the val part's cells as validation, no test cells when the seed has a
+    test part."""
     from aegir.training.config import TrainConfig
 
     cfg = context.config
@@ -234,8 +236,11 @@ def round_train_config(context: RoundContext):
     values = {"wandb": False, "progress_bar": False, "accelerator": "cpu", "seed": cfg.seed} | cfg.train | {
         "dataset_version": context.earlier("data")["version"], "filter_dataset": datasets,
         "train_only_datasets": [pseudo_dataset(k)] if k else [], "init_checkpoint": init}
-    if partition(context)["test"]:
+    parts = partition(context)
+    if parts["test"]:
         values["test_fraction"] = 0.0
+    if parts["val_cells"]:
+        values["val_cells"] = parts["val_cells"]
     return TrainConfig.from_dict(values)
 
 
@@ -307,140 +312,6 @@ def step_evaluate(context: RoundContext) -> dict:
     return result
 
 
-# ---- detect -------------------------------------------------------------------------------------------------
-
-
-def step_detect(context: RoundContext) -> dict:
-    """Test-time views of the round's model over every target image → gated candidates and admitted windows."""
-    from aegir.dataflows.pseudo_labels import PseudoLabelGate
-    from aegir.masks import get_backend
-    from aegir.pipelines import run_stage
-    from aegir.pipelines.predict import load_rgb_model
-    from aegir.store import mask_files
-    from aegir.training.predictor import view_probabilities
-
-    cfg = context.config
-    gate = PseudoLabelGate(**cfg.gate)
-    model = load_rgb_model(context.earlier("train")["checkpoint"], "cpu")
-    backend = get_backend(cfg.mask_factory)
-    out = run_files.ensure_dir(context.round_dir / "detect")
-    rows, windows, masks, looks, skipped = [], [], {}, [], []
-    for path in target_image_paths(context):
-        try:
-            chip = mask_files.read_image_chip(path)
-        except (ValueError, OSError) as exc:
-            skipped.append({"file": str(path), "reason": str(exc)})
-            continue
-        image = chip.rgb8()
-        views = view_probabilities(image, model.predict_proba, tuple(cfg.tta_views))
-        found = run_stage("pseudo_labels", ["candidate_labels", "candidate_evidence", "candidate_decisions",
-                                            "pseudo_windows"],
-                          {"image": image, "view_probabilities": views, "mask_factory": backend, "gate": gate,
-                           "window_px": cfg.window_px})
-        rows += _detection_rows(chip, path, found)
-        for window in found["pseudo_windows"]:
-            key = f"w{len(windows)}"
-            masks[key] = window.mask
-            windows.append({"key": key, "image": str(path), "col": window.col, "row": window.row,
-                            "size": window.size, "kind": window.kind, "confidence": window.confidence,
-                            "components": window.components,
-                            "evidence": _window_evidence(found, window)})
-        looks.append((len(found["candidate_decisions"]), chip, found))
-    detections = _detections_frame(rows)
-    run_files.write_geoparquet(detections, out / "detections.parquet")
-    windows_path = run_files.write_json(windows, out / "windows.json")
-    masks_path = run_files.write_npz(masks, out / "masks.npz")
-    decisions = Counter(d.split(":")[0] for d in detections["decision"]) if len(detections) else Counter()
-    reasons = Counter(d for d in detections["decision"] if d != "accept") if len(detections) else Counter()
-    result = {"images": len(looks), "skipped": skipped, "detections": int(len(detections)),
-              "accepted": decisions.get("accept", 0), "rejected": decisions.get("reject", 0),
-              "reject_reasons": dict(reasons), "windows": str(windows_path), "masks": str(masks_path),
-              "admitted_positive": sum(w["kind"] == "positive" for w in windows),
-              "admitted_negative": sum(w["kind"] == "negative" for w in windows),
-              "detections_file": str(out / "detections.parquet")}
-    result["changes"] = _changes(context, detections)
-    result["quicklooks"] = _quicklooks(context, looks)
-    return result
-
-
-def _window_evidence(found: dict, window) -> dict:
-    """Mean evidence of the accepted components inside a positive window (empty for negatives)."""
-    from aegir.dataflows.pseudo_labels import EVIDENCE
-
-    if window.kind != "positive":
-        return {}
-    labels = found["candidate_labels"][window.row:window.row + window.size, window.col:window.col + window.size]
-    ids = np.unique(labels[labels > 0]) - 1
-    evidence = found["candidate_evidence"]
-    return {name: round(float(np.nanmean(evidence[name][ids])), 4) for name in EVIDENCE}
-
-
-def _detection_rows(chip, path: Path, found: dict) -> list[dict]:
-    """One row per candidate: image, component id, decision, evidence, outline (EPSG:4326)."""
-    from aegir.dataflows.pseudo_labels import EVIDENCE
-    from aegir.utils import geo
-
-    values, geometries = geo.label_polygons(found["candidate_labels"], chip.transform, chip.crs)
-    outlines = dict(zip(values.tolist(), geometries))
-    rows = []
-    for k, decision in enumerate(found["candidate_decisions"]):
-        evidence = {name: float(found["candidate_evidence"][name][k]) for name in EVIDENCE}
-        rows.append({"detection_id": f"{path.stem}:{k + 1}", "image": str(path), "component": k + 1,
-                     "decision": decision, **evidence, "geometry": outlines.get(k + 1)})
-    return rows
-
-
-def _detections_frame(rows: list[dict]):
-    import geopandas as gpd
-
-    if not rows:
-        return gpd.GeoDataFrame({"detection_id": [], "image": [], "decision": []}, geometry=[], crs="EPSG:4326")
-    return gpd.GeoDataFrame(rows, geometry="geometry", crs="EPSG:4326")
-
-
-def round_detections(context: RoundContext, round_index: int):
-    """The detections (GeoDataFrame, EPSG:4326) a round's detect step wrote."""
-    return run_files.read_geoparquet(Path(context.earlier("detect", round_index)["detections_file"]))
-
-
-def _changes(context: RoundContext, detections) -> dict | None:
-    """On the target images without truth (the unlabelled region): the accepted share of the candidates and, from
-    round 1, the accepted detections vs the previous round's: kept (one-to-one match at IoU ≥ 0.5), added,
-    dropped."""
-    from aegir.dataflows.validation import object_level_scores
-
-    def region(frame):
-        truth = set(target_truth(context))
-        return frame[[Path(p).stem not in truth for p in frame["image"]]] if len(frame) else frame
-
-    def accepted_of(frame):
-        return frame[frame["decision"] == "accept"] if len(frame) else frame
-
-    candidates = region(detections)
-    accepted = accepted_of(candidates)
-    share = float(len(accepted) / len(candidates)) if len(candidates) else 0.0
-    if context.round_index == 0:
-        return {"region_candidates": int(len(candidates)), "accepted_share": share}
-    before = accepted_of(region(round_detections(context, context.round_index - 1)))
-    scores = object_level_scores(list(accepted.geometry), list(before.geometry))
-    kept = int(scores["matched"])
-    return {"region_candidates": int(len(candidates)), "accepted_share": share, "kept": kept,
-            "added": int(len(accepted)) - kept, "dropped": int(len(before)) - kept}
-
-
-def _quicklooks(context: RoundContext, looks: list[tuple]) -> str | None:
-    """``round_<k>/quicklooks/detections/``: the target images with the most candidates, each candidate outlined
-    by its decision (accept green, reject red), and a contact sheet."""
-    from aegir.pipelines.quicklook import candidate_quicklooks
-
-    chosen = sorted(looks, key=lambda item: -item[0])[: context.config.quicklook_images]
-    if not chosen:
-        return None
-    panels = [(Path(chip.source).stem, chip, found["candidate_labels"], found["candidate_decisions"])
-              for _, chip, found in chosen]
-    return candidate_quicklooks(panels, context.round_dir / "quicklooks" / "detections")["contact_sheet"]
-
-
 # ---- the per-round table ------------------------------------------------------------------------------------
 
 
@@ -470,6 +341,7 @@ def round_summary(context: RoundContext) -> dict:
             "transfer_precision": _metric(evaluation, "transfer", "precision"),
             "transfer_f1": _metric(evaluation, "transfer", "f1"),
             "detections": detect["detections"], "accepted": detect["accepted"],
+            "accepted_precision": _metric(detect, "accepted_precision"),
             "region_candidates": changes.get("region_candidates"),
             "accepted_share": _metric(changes, "accepted_share"), "kept": changes.get("kept"),
             "added": changes.get("added"), "dropped": changes.get("dropped"),

@@ -7,7 +7,11 @@ Per cell: read the overlapping tiles, mosaic them on a common grid, blend overla
 ``failed`` with the reason and the others go on; a cell without imagery is marked ``no_imagery``; a killed run
 leaves its cell ``running``. A re-run of the same inputs (same plan id) skips done cells and finishes the rest.
 At the end ``OUT/detections.parquet`` (GeoParquet) and ``OUT/detections.gpkg`` are rewritten from every
-``predicted_pv`` row of the plan. Only one cell's mosaic is in memory at a time.
+``predicted_pv`` row of the plan, and the plan's detections are merged across tile and cell borders into
+installations (:mod:`aegir.dataflows.installations`: detections within ``gap_m`` metres form one, with area,
+orientation and a DC-capacity estimate from the shipped USPVDB relation), which replace the plan's rows of the
+lakehouse table ``installations`` and are written to ``OUT/installations.parquet`` / ``.gpkg``. Only one cell's
+mosaic is in memory at a time.
 """
 
 from __future__ import annotations
@@ -16,18 +20,20 @@ import contextlib
 import datetime as dt
 import hashlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import pyarrow as pa
 import shapely
 
 from aegir.config import Settings
 from aegir.dataflows import region_inference
-from aegir.pipelines import build_driver
+from aegir.pipelines import build_driver, run_stage
 from aegir.pipelines.plan import plan_grid
-from aegir.store import ducklake, region_files
+from aegir.store import capacity_files, ducklake, region_files
 
 CELL_OUTPUTS = ("cell_probability_raster", "prediction_rows")
 TODO_STATUSES = ("pending", "running", "failed")
@@ -52,6 +58,10 @@ class RegionReport:
     detections: int = 0
     detections_parquet: str = ""
     detections_gpkg: str = ""
+    installations: int = 0  # detections merged within gap_m metres: one per array group
+    installations_parquet: str = ""
+    installations_gpkg: str = ""
+    gap_m: float = 0.0
     cell_rasters: list[str] = field(default_factory=list)
     tiles_skipped: list[dict] = field(default_factory=list)
     chips: int = 0
@@ -176,6 +186,15 @@ def _run_cell(con, settings: Settings, plan_id: str, token: str, dag, inputs: di
     report.cell_rasters.append(str(raster))
 
 
+def plan_installations(rows: pa.Table, plan_id: str, gap_m: float = 5.0,
+                       capacity_params: dict | None = None) -> pa.Table:
+    """The ``installations`` rows of a plan's ``predicted_pv`` rows; ``capacity_params`` default: the shipped
+    relation (``aegir/defaults/capacity_dc.toml``)."""
+    inputs = {"plan_predictions": rows, "plan_id": plan_id, "gap_m": float(gap_m),
+              "capacity_params": capacity_params or capacity_files.read_capacity_params()}
+    return run_stage("installations", ["installation_rows"], inputs)["installation_rows"]
+
+
 def infer_region(
     settings: Settings,
     checkpoint: str | Path,
@@ -192,17 +211,21 @@ def infer_region(
     model: Any = None,
     device: str | None = None,
     cell_boosts: dict[str, float] | None = None,
+    gap_m: float = 5.0,
 ) -> RegionReport:
     """PV probabilities and detections for the tiles of ``tiles_dir`` (all of them, or the S2 cells of level
     ``plan_level`` covering ``aoi``: a vector/WKT file, a bbox string or a shapely geometry, EPSG:4326).
 
     ``progress(done, total)`` is called per cell. ``model`` overrides loading ``checkpoint`` (the checkpoint is
     still the provenance). ``cell_boosts`` (S2 token at ``plan_level`` → boost > 0, the
-    find-more-like-this hook) are processed before every other cell. Raises ValueError / FileNotFoundError for
-    unusable inputs, :class:`NoImageryError`
+    find-more-like-this hook) are processed before every other cell. Detections at most ``gap_m`` metres apart
+    form one installation. Raises ValueError / FileNotFoundError for unusable inputs, :class:`NoImageryError`
     when no tile overlaps the AOI.
     """
     started = time.perf_counter()
+    if not (math.isfinite(gap_m) and gap_m >= 0):
+        raise ValueError(f"gap_m must be a finite distance >= 0 metres, got {gap_m}")
+    capacity_params = capacity_files.read_capacity_params()
     tiles, tiles_skipped = _index_tiles(tiles_dir, aoi)
     region = _region_aoi(aoi, tiles)
     if not Path(checkpoint).is_file():
@@ -213,7 +236,7 @@ def infer_region(
                      cell_boosts=cell_boosts)
     _check_imagery(settings, plan, plan_id, region, str(aoi), tiles, tiles_dir)
     out = Path(out_dir)
-    report = RegionReport(plan_id, str(out), plan.num_rows, tiles_skipped=tiles_skipped)
+    report = RegionReport(plan_id, str(out), plan.num_rows, tiles_skipped=tiles_skipped, gap_m=float(gap_m))
     counting = _CountingModel(model if model is not None else _load_model(checkpoint, device))
     inputs = {"tile_index": tiles, "tile_reader": region_files.read_tile_window, "segmentation_model": counting,
               "model_checkpoint": str(Path(checkpoint).resolve()), "plan_id": plan_id, "tile_px": tile_px,
@@ -232,9 +255,14 @@ def infer_region(
             if progress:
                 progress(done, plan.num_rows)
         rows = ducklake.read_predictions(con, settings, plan_id)
+        installations = plan_installations(rows, plan_id, gap_m, capacity_params)
+        ducklake.replace_plan_installations(con, settings, plan_id, installations)
     finally:
         con.close()
     parquet, gpkg = region_files.write_detections(rows, out)
     report.detections, report.detections_parquet, report.detections_gpkg = rows.num_rows, str(parquet), str(gpkg)
+    parquet, gpkg = region_files.write_installations(installations, out)
+    report.installations, report.installations_parquet, report.installations_gpkg = (installations.num_rows,
+                                                                                      str(parquet), str(gpkg))
     report.chips, report.seconds = counting.calls, time.perf_counter() - started
     return report

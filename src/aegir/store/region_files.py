@@ -1,10 +1,11 @@
 """Region inference file I/O: the tile-folder index, per-tile window reads, AOI files, probability COGs and the
-detection files (GeoParquet + GeoPackage).
+detection and installation files (GeoParquet + GeoPackage).
 
 A tile's grid comes from the file's own georeference (GeoTIFF, world file) or else from its name (the Jiang PV01
 and Google-static conventions of :mod:`aegir.utils.geo`); indexing opens only the file header, so a tile whose
 pixels are damaged is still placed and fails when a cell reads it. GeoTIFF tiles are read by window (only the
 pixels a cell needs); PNG/BMP tiles have no windowed read and are read whole (640² px for the Austin tiles).
+Installations (detections merged per plan) are written like the detections.
 """
 
 from __future__ import annotations
@@ -178,17 +179,34 @@ def write_probability_cog(raster: Chip, path: str | Path) -> Path:
     return path
 
 
-def write_detections(rows: pa.Table, out_dir: str | Path, stem: str = "detections") -> tuple[Path, Path]:
-    """``predicted_pv`` rows (``geometry_wkb`` EPSG:4326) → ``OUT/<stem>.parquet`` (GeoParquet) and
-    ``OUT/<stem>.gpkg`` (GeoPackage); both replaced whole."""
+def _geo_frame(rows: pa.Table, empty_column: str):
+    """Rows with ``geometry_wkb`` (EPSG:4326) → a GeoDataFrame in EPSG:4326 (``empty_column`` only when the
+    table holds neither rows nor a geometry column)."""
     import geopandas as gpd
 
     frame = rows.to_pandas() if rows.num_rows or rows.num_columns else None
     if frame is None or "geometry_wkb" not in frame.columns:
-        detections = gpd.GeoDataFrame({"cell_token": []}, geometry=gpd.GeoSeries([], crs=4326))
-    else:
-        geometry = gpd.GeoSeries(shapely.from_wkb(frame.pop("geometry_wkb").to_numpy()), crs=4326)
-        detections = gpd.GeoDataFrame(frame, geometry=geometry, crs=4326)
+        return gpd.GeoDataFrame({empty_column: []}, geometry=gpd.GeoSeries([], crs=4326))
+    geometry = gpd.GeoSeries(shapely.from_wkb(frame.pop("geometry_wkb").to_numpy()), crs=4326)
+    return gpd.GeoDataFrame(frame, geometry=geometry, crs=4326)
+
+
+def write_detections(rows: pa.Table, out_dir: str | Path, stem: str = "detections") -> tuple[Path, Path]:
+    """``predicted_pv`` rows (``geometry_wkb`` EPSG:4326) → ``OUT/<stem>.parquet`` (GeoParquet) and
+    ``OUT/<stem>.gpkg`` (GeoPackage); both replaced whole."""
+    detections = _geo_frame(rows, "cell_token")
     out = Path(out_dir)
     return (mask_files.write_polygons(detections, out / f"{stem}.parquet"),
             mask_files.write_polygons(detections, out / f"{stem}.gpkg"))
+
+
+def write_installations(rows: pa.Table, out_dir: str | Path, stem: str = "installations") -> tuple[Path, Path]:
+    """``installations`` rows (``geometry_wkb`` EPSG:4326 Polygon / MultiPolygon) → ``OUT/<stem>.parquet``
+    (GeoParquet, ``detection_ids`` a list of strings) and ``OUT/<stem>.gpkg`` (GeoPackage, layer ``<stem>``,
+    MultiPolygon; ``detection_ids`` comma-separated text, as GeoPackage has no list type); both replaced whole."""
+    installations = _geo_frame(rows, "installation_id")
+    out = Path(out_dir)
+    parquet = mask_files.write_polygons(installations, out / f"{stem}.parquet")
+    if "detection_ids" in installations.columns:
+        installations["detection_ids"] = installations["detection_ids"].map(lambda ids: ",".join(ids))
+    return parquet, mask_files.write_polygons(installations, out / f"{stem}.gpkg")

@@ -22,6 +22,20 @@ class TrainConfigError(ValueError):
     """A training config file or value that cannot be used."""
 
 
+def _check_val_cells(tokens: list[str]) -> None:
+    """One S2 level in 1..17 for every token (the rows carry level-17 tokens)."""
+    import numpy as np
+
+    from aegir.utils import s2geometry
+
+    try:
+        levels = sorted(set(s2geometry.cell_level(s2geometry.token_to_cell_id(np.array(tokens))).tolist()))
+    except ValueError as exc:
+        raise TrainConfigError(f"val_cells: {exc}") from None
+    if len(levels) != 1 or not 1 <= levels[0] <= 17:
+        raise TrainConfigError(f"val_cells must be S2 tokens of one level in 1..17, got levels {levels}")
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs besides the table location; defaults are the CPU quality recipe.
@@ -49,8 +63,12 @@ class TrainConfig:
     warmup_epochs: int = 2
     max_epochs: int = 60
     max_minutes: float | None = None  # wall-clock cap on fitting (Lightning max_time); best.ckpt is kept
+    max_steps: int | None = None  # optimizer-step budget (Lightning max_steps): the same training on a busy machine
     monitor: str = "val/iou"  # best.ckpt by: val/iou, val/f1, val/mean_iou (higher) or val/loss (lower: robust
     #                           when the validation cells hold little PV)
+    # > 0: validate and checkpoint an exponential moving average of the weights, updated after every optimizer
+    # step with this decay (0.9 ≈ the last 10 steps); with init_checkpoint the average starts from those weights
+    ema_decay: float = 0.0
     batch_size: int = 8
     epoch_repeats: int = 1  # passes over the train split per epoch (tiny tables: fewer validation rounds)
     dice_weight: float = 1.0
@@ -67,6 +85,9 @@ class TrainConfig:
     val_fraction: float = 0.2
     test_fraction: float = 0.15
     split_salt: str = ""
+    # S2 tokens (one level, <= 17) whose rows are the validation split, e.g. a hold-out part chosen by whole cells;
+    # given, they replace the hashed val draw (val_fraction) and the other rows go to train / test by the hash
+    val_cells: list[str] = field(default_factory=list)
     dataset_version: int | None = None  # None: the table's current version (recorded in the checkpoint)
     filter_dataset: list[str] = field(default_factory=list)
     train_only_datasets: list[str] = field(default_factory=list)  # rows of these datasets never go to val / test
@@ -104,6 +125,8 @@ class TrainConfig:
         if self.scale_range is not None and not (len(self.scale_range) == 2
                                                  and 0.1 <= self.scale_range[0] <= self.scale_range[1] <= 1):
             raise TrainConfigError(f"scale_range must be [lo, hi] with 0.1 <= lo <= hi <= 1, got {self.scale_range}")
+        if not 0 <= self.ema_decay < 1:
+            raise TrainConfigError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         if self.color_jitter < 0 or self.color_jitter >= 1 or self.blur_sigma < 0:
             raise TrainConfigError("color_jitter must lie in [0, 1) and blur_sigma be >= 0")
         if any(not w >= 0 for w in self.source_weights.values()):
@@ -114,10 +137,12 @@ class TrainConfig:
             raise TrainConfigError(f"split_level must be 1..17, got {self.split_level}")
         if not (0 <= self.val_fraction and 0 <= self.test_fraction and self.val_fraction + self.test_fraction < 1):
             raise TrainConfigError("val_fraction and test_fraction must be >= 0 and sum to < 1")
+        if self.val_cells:
+            _check_val_cells(self.val_cells)
         if self.crop_size is not None and self.crop_size < 32:
             raise TrainConfigError(f"crop_size must be >= 32 pixels (or unset), got {self.crop_size}")
-        if self.batch_size < 1 or self.max_epochs < 1 or self.epoch_repeats < 1:
-            raise TrainConfigError("batch_size, max_epochs and epoch_repeats must be >= 1")
+        if self.batch_size < 1 or self.max_epochs < 1 or self.epoch_repeats < 1 or (self.max_steps or 1) < 1:
+            raise TrainConfigError("batch_size, max_epochs, max_steps and epoch_repeats must be >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -137,15 +137,30 @@ def make_splits(dataset, dataset_uri: str, config: TrainConfig) -> SplitInfo:
                      config.test_fraction, config.split_salt, where, {s: [] for s in SPLITS}, {s: [] for s in SPLITS})
     if rows.num_rows == 0:
         return info
-    cells = s2geometry.parent_tokens(rows["s2"].to_numpy(zero_copy_only=False), config.split_level)
-    assignment = {c: split_of_cell(c, config.val_fraction, config.test_fraction, config.split_salt)
+    tokens = rows["s2"].to_numpy(zero_copy_only=False)
+    cells = s2geometry.parent_tokens(tokens, config.split_level)
+    val_fraction = 0.0 if config.val_cells else config.val_fraction
+    assignment = {c: split_of_cell(c, val_fraction, config.test_fraction, config.split_salt)
                   for c in sorted(set(cells.tolist()))}
+    splits = [assignment[c] for c in cells.tolist()]
+    if config.val_cells:
+        splits = _with_val_cells(tokens, cells, splits, config.val_cells)
     train_only = set(config.train_only_datasets)
-    for uuid, cell, name in zip(rows["uuid"].to_pylist(), cells.tolist(), rows["dataset"].to_pylist()):
-        info.uuids["train" if name in train_only else assignment[cell]].append(uuid)
-    for cell, split in assignment.items():
+    for uuid, split, name in zip(rows["uuid"].to_pylist(), splits, rows["dataset"].to_pylist()):
+        info.uuids["train" if name in train_only else split].append(uuid)
+    listed = {(cell, split) for cell, split, name in zip(cells.tolist(), splits, rows["dataset"].to_pylist())
+              if name not in train_only}
+    for cell, split in sorted(listed):
         info.cells[split].append(cell)
     return info
+
+
+def _with_val_cells(tokens: np.ndarray, cells: np.ndarray, splits: list[str], val_cells: list[str]) -> list[str]:
+    """``splits`` with every row inside one of ``val_cells`` (S2 tokens of one level) moved to val; cells at
+    ``split_level`` are listed under each split they hold rows of."""
+    level = int(s2geometry.cell_level(s2geometry.token_to_cell_id(np.array(val_cells[:1])))[0])
+    inside = np.isin(s2geometry.parent_tokens(tokens, level), np.array([t.lower() for t in val_cells], dtype=object))
+    return ["val" if hit else split for hit, split in zip(inside.tolist(), splits)]
 
 
 def uuid_filter(uuids: list[str]) -> str:

@@ -90,7 +90,9 @@ class SegmentationNet(nn.Module):
 
 class SegmentationLitModule(L.LightningModule):
     """Dice + BCE on PV logits; pixel IoU / F1 / precision / recall per epoch (torchmetrics) plus mean per-image
-    IoU; AdamW with linear warm-up then cosine decay (per epoch)."""
+    IoU; AdamW with linear warm-up then cosine decay (per epoch). With ``ema_decay`` > 0 an exponential moving
+    average of the weights (a mean teacher that starts from ``init_checkpoint``) is what validates and what the
+    checkpoints keep."""
 
     def __init__(self, config: TrainConfig, band_stats: dict[str, list[float]]) -> None:
         super().__init__()
@@ -107,6 +109,8 @@ class SegmentationLitModule(L.LightningModule):
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
         self._image_ious: dict[str, list[float]] = {"val": [], "test": []}
+        self._ema: dict[str, torch.Tensor] | None = None  # the averaged weights (``ema_decay`` > 0)
+        self._trained: dict[str, torch.Tensor] | None = None  # the optimizer's weights while the average validates
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.model(image)
@@ -155,18 +159,49 @@ class SegmentationLitModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._epoch_end("val")
+        self._restore_trained()
 
     def on_test_epoch_end(self) -> None:
         self._epoch_end("test")
 
     def on_train_start(self) -> None:
         self._fit_started = time.monotonic()
+        if self.config.ema_decay > 0 and self._ema is None:
+            self._ema = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self._ema is None:
+            return
+        decay = self.config.ema_decay
+        with torch.no_grad():
+            for name, value in self.model.state_dict().items():
+                if value.is_floating_point():
+                    self._ema[name].mul_(decay).add_(value.detach(), alpha=1 - decay)
+                else:
+                    self._ema[name].copy_(value)
+
+    def on_validation_epoch_start(self) -> None:
+        if self._ema is not None:  # validate the average; the optimizer's weights come back afterwards
+            self._trained = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.model.load_state_dict(self._ema)
+
+    def _restore_trained(self) -> None:
+        if self._trained is not None:
+            self.model.load_state_dict(self._trained)
+            self._trained = None
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The weights a checkpoint keeps: the moving average when ``ema_decay`` > 0, else the model's."""
+        return self._ema if self._ema is not None else self.model.state_dict()
 
     def schedule_progress(self, epoch: int) -> float:
-        """Fraction of training done at the start of ``epoch``: by epochs, or by wall clock when ``max_minutes``
-        is set and time runs out first (so the cosine decay ends by the time cap on any machine)."""
+        """Fraction of training done at the start of ``epoch``: by epochs, by optimizer steps when ``max_steps``
+        is set, or by wall clock when ``max_minutes`` is set — whichever budget runs out first (so the cosine
+        decay ends with the budget on any machine)."""
         cfg = self.config
         progress = epoch / max(1, cfg.max_epochs)
+        if cfg.max_steps:
+            progress = max(progress, self.global_step / cfg.max_steps)
         started = getattr(self, "_fit_started", None)
         if cfg.max_minutes and started is not None:
             progress = max(progress, (time.monotonic() - started) / (60 * cfg.max_minutes))
@@ -230,7 +265,7 @@ def checkpoint_payload(module: SegmentationLitModule, data_version: int, dataset
     """A checkpoint made of tensors and plain JSON-able values only (``torch.load(weights_only=True)`` reads it)."""
     return {
         "format": CHECKPOINT_FORMAT,
-        "state_dict": {k: v.detach().cpu().clone() for k, v in module.model.state_dict().items()},
+        "state_dict": {k: v.detach().cpu().clone() for k, v in module.weights().items()},
         "config": module.config.to_dict(),
         "data_version": int(data_version),
         "dataset_uri": str(dataset_uri),
@@ -248,8 +283,9 @@ def monitor_sign(monitor: str) -> float:
 
 
 class BestCheckpoint(L.Callback):
-    """Writes ``dirpath/best.ckpt`` whenever ``monitor`` improves (higher IoU / F1, lower loss), and ``last.ckpt``
-    (same format) after every validation; without validation batches the train IoU decides."""
+    """Writes ``dirpath/best.ckpt`` whenever ``monitor`` improves or ties (higher IoU / F1, lower loss; a tie goes to
+    the later, longer-trained epoch), and ``last.ckpt`` (same format) after every validation; without validation
+    batches the train IoU decides."""
 
     def __init__(self, dirpath: str | Path, data_version: int, dataset_uri: str, split: dict | None,
                  monitor: str = "val/iou") -> None:
@@ -276,7 +312,7 @@ class BestCheckpoint(L.Callback):
         if math.isnan(score):
             return
         self._save(trainer, module, "last.ckpt")
-        if score > self.best_score:
+        if score >= self.best_score:  # a tie goes to the later epoch (e.g. validation cells the model scores 0 on)
             self.best_score = score
             self.best_metrics = {k: float(v) for k, v in metrics.items() if torch.as_tensor(v).numel() == 1}
             self._save(trainer, module, "best.ckpt")

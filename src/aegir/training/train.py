@@ -84,7 +84,8 @@ def run_training(dataset_uri: str | None, config: TrainConfig, out_dir: str | Pa
         max_time = {"days": 0, "hours": seconds // 3600, "minutes": (seconds % 3600) // 60, "seconds": seconds % 60}
     trainer = L.Trainer(
         accelerator=config.accelerator, devices=config.devices, precision=config.precision,
-        max_epochs=config.max_epochs, max_time=max_time, logger=make_loggers(config, out, run_name),
+        max_epochs=config.max_epochs, max_steps=config.max_steps or -1, max_time=max_time,
+        logger=make_loggers(config, out, run_name),
         callbacks=[best], enable_checkpointing=False, enable_progress_bar=config.progress_bar,
         log_every_n_steps=config.log_every_n_steps, default_root_dir=str(out), num_sanity_val_steps=0,
         limit_train_batches=config.limit_train_batches, limit_val_batches=config.limit_val_batches if has_val else 0,

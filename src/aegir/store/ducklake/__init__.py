@@ -8,7 +8,8 @@ credential chain). Extensions are loaded from the ``duckdb-extension-*`` registr
 
 Every write is one DuckLake transaction: a killed process leaves the lakehouse at its last snapshot.
 Modules: :mod:`.connection` (connect, table helpers, snapshots), :mod:`.labels` (label tables, quarantine,
-:class:`LabelQuery`), :mod:`.imagery` (the imagery catalog, the label × image join, build records), :mod:`.plans` (grid plans and their cell ledger), :mod:`.predictions` (``predicted_pv``).
+:class:`LabelQuery`), :mod:`.imagery` (the imagery catalog, the label × image join, build records), :mod:`.plans` (grid plans, their cell ledger and worker leases), :mod:`.predictions` (``predicted_pv``),
+:mod:`.installations` (``installations``: detections merged per plan).
 :class:`StoreError` is the store layer's base error (:mod:`aegir.store.errors`), raised here as it always was.
 """
 
@@ -35,6 +36,11 @@ from aegir.store.ducklake.imagery import (
     record_build,
     write_imagery,
 )
+from aegir.store.ducklake.installations import (
+    INSTALLATIONS_TABLE,
+    read_installations,
+    replace_plan_installations,
+)
 from aegir.store.ducklake.labels import (
     LABEL_COLUMNS,
     LABEL_H3_RESOLUTION,
@@ -54,7 +60,13 @@ from aegir.store.ducklake.plans import (
     PLAN_RANKING_COLUMNS,
     PLAN_STATUSES,
     PLAN_TABLE,
+    LedgerSession,
+    claim_cells,
+    complete_cell,
+    plan_progress,
+    prepare_leases,
     read_grid_plan,
+    renew_lease,
     rerank_grid_plan,
     set_cell_status,
     set_plan_status,
@@ -72,11 +84,13 @@ __all__ = [
     "BUILDS_TABLE",
     "IMAGERY_QUARANTINE_TABLE",
     "IMAGERY_TABLE",
+    "INSTALLATIONS_TABLE",
     "ImageryCommit",
     "label_image_pairs",
     "read_build",
     "read_imagery",
     "read_imagery_quarantine",
+    "read_installations",
     "record_build",
     "write_imagery",
     "ExtensionMissingError",
@@ -86,6 +100,7 @@ __all__ = [
     "LABEL_S2_LEVELS",
     "LABEL_TABLE_PREFIX",
     "LabelQuery",
+    "LedgerSession",
     "PLAN_RANKING_COLUMNS",
     "PLAN_STATUSES",
     "PLAN_TABLE",
@@ -93,6 +108,8 @@ __all__ = [
     "QUARANTINE_TABLE",
     "StoreError",
     "attach_statement",
+    "claim_cells",
+    "complete_cell",
     "connect",
     "current_snapshot_id",
     "dataset_summaries",
@@ -101,11 +118,15 @@ __all__ = [
     "label_table_name",
     "label_tables",
     "needed_extensions",
+    "plan_progress",
+    "prepare_leases",
     "quarantine_rows",
     "query_labels",
     "read_grid_plan",
     "read_predictions",
+    "renew_lease",
     "replace_cell_predictions",
+    "replace_plan_installations",
     "rerank_grid_plan",
     "s3_secret_statement",
     "set_cell_status",
