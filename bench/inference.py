@@ -9,11 +9,17 @@ Flat memory: the run peak is bounded by one cell's window, whatever the region's
 cut by its single tile's edges, so its windows are smaller than those of larger regions: "run MB" rises from 1× to
 4×–16× and then stays put; measured 801.0 MB peak at 16× and 801.1 MB at 25×, ``--sizes 1,4,16,25``.)
 
-Model: by default a fixed random fully-convolutional net (fast on a CPU, so the default run takes about a minute);
-``--checkpoint best.ckpt`` uses a trained model (chips/s then measures it). Chips are ``--tile-px``² model tiles.
+Model: by default the shipped architecture (U-Net, ResNet-18 encoder) with random weights — the compute of a
+trained model; ``--model conv`` a tiny random conv net (pipeline overhead dominates); ``--checkpoint best.ckpt``
+a trained model. Chips are ``--tile-px``² model tiles.
 
-Run: ``python bench/inference.py [--sizes 1,4,16] [--checkpoint CKPT] [--plan-level 16] [--threads 1]``.
-Prints one row per size and the ratios to 1×, measured in one run.
+Pipeline efficiency: one more run (``--efficiency-size`` tiles) records every batch the model is given; after the
+region run, the bare forward of the same model over those same batches (already in memory) is timed. Efficiency =
+region chips/s ÷ bare chips/s (goal ≥ 0.9 on CPU): what the reads, mosaics, blending, detections and stores cost.
+
+Run: ``python bench/inference.py [--sizes 1,4,16] [--checkpoint CKPT | --model unet|conv] [--plan-level 16]
+[--threads 1] [--efficiency-size 4]``. Prints one row per size, the ratios to 1× and the efficiency, measured in
+one run.
 """
 
 from __future__ import annotations
@@ -71,6 +77,40 @@ class _ConvNet:
             return self.net(torch.from_numpy(tiles.astype("float32") / 255.0))[:, 0].numpy()
 
 
+class _RecordingModel:
+    """Passes batches to ``model.predict_batch`` and keeps a copy of each, so the bare forward can be timed on the
+    very chips the region run predicted."""
+
+    def __init__(self, model) -> None:
+        self.model, self.batches = model, []
+        self.data_version, self.dataset_uri = model.data_version, model.dataset_uri
+
+    def predict_batch(self, tiles):
+        self.batches.append(tiles.copy())
+        return self.model.predict_batch(tiles)
+
+
+def _unet(args: argparse.Namespace):
+    """The shipped architecture (U-Net, ResNet-18 encoder, 3 bands) with random weights: the compute of a trained
+    model, without needing one."""
+    from aegir.training.litmodule import SegmentationModel, SegmentationNet
+
+    net = SegmentationNet("unet", "resnet18", [120.0] * 3, [50.0] * 3)
+    payload = {"config": {"arch": "unet", "encoder": "resnet18"}, "data_version": -1,
+               "dataset_uri": "bench://untrained-unet", "band_stats": {"mean": [120.0] * 3, "std": [50.0] * 3},
+               "state_dict": net.state_dict()}
+    return SegmentationModel(payload, device="cpu")
+
+
+def _bare_chips_per_s(model, batches: list) -> float:
+    """Chips/s of the model's forward alone over ``batches`` (already in memory), after one warm-up batch."""
+    model.predict_batch(batches[0])
+    started = time.perf_counter()
+    for batch in batches:
+        model.predict_batch(batch)
+    return sum(len(b) for b in batches) / (time.perf_counter() - started)
+
+
 def child(args: argparse.Namespace) -> None:
     """One size in this (fresh) process: print a JSON line with its numbers."""
     import torch
@@ -86,25 +126,31 @@ def child(args: argparse.Namespace) -> None:
 
         checkpoint, model = Path(args.checkpoint), load_segmentation_model(args.checkpoint, device="cpu")
     else:
-        checkpoint, model = work / "random-conv.ckpt", _ConvNet()
-        checkpoint.write_bytes(b"random conv net: provenance only")
+        checkpoint, model = work / "model.ckpt", _unet(args) if args.model == "unet" else _ConvNet()
+        checkpoint.write_bytes(f"{args.model}: provenance only".encode())
+    if args.efficiency:
+        model = _RecordingModel(model)
     settings = Settings(lancedb_root=str(work / "lancedb"), ducklake_catalog=str(work / "lake" / "catalog.ducklake"),
                         ducklake_data_path=str(work / "lake" / "files") + "/")
     baseline = _rss_mb()
     report = infer_region(settings, checkpoint, work / "out", tiles, plan_level=args.plan_level,
                           tile_px=args.tile_px, overlap_px=args.overlap_px, model=model)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"tiles": args.side**2, "cells": report.cells, "chips": report.chips,
+    bare = _bare_chips_per_s(model.model, model.batches) if args.efficiency else None
+    print(json.dumps({"bare_chips_per_s": bare, "tiles": args.side**2, "cells": report.cells, "chips": report.chips,
                       "seconds": report.seconds, "chips_per_s": report.chips_per_s, "detections": report.detections,
                       "baseline_mb": baseline, "peak_mb": peak, "failed": len(report.failed)}))
 
 
-def _run_size(side: int, args: argparse.Namespace, root: Path) -> dict:
-    command = [sys.executable, __file__, "--child", "--side", str(side), "--work", str(root / f"x{side * side}"),
+def _run_size(side: int, args: argparse.Namespace, root: Path, efficiency: bool = False) -> dict:
+    name = f"x{side * side}" + ("_efficiency" if efficiency else "")
+    command = [sys.executable, __file__, "--child", "--side", str(side), "--work", str(root / name),
                "--plan-level", str(args.plan_level), "--tile-px", str(args.tile_px), "--overlap-px",
-               str(args.overlap_px), "--threads", str(args.threads)]
+               str(args.overlap_px), "--threads", str(args.threads), "--model", args.model]
     if args.checkpoint:
         command += ["--checkpoint", args.checkpoint]
+    if efficiency:
+        command += ["--efficiency"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
     if done.returncode:
         raise SystemExit(f"size {side}×{side} failed:\n{done.stderr[-3000:]}")
@@ -114,7 +160,13 @@ def _run_size(side: int, args: argparse.Namespace, root: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="1,4,16", help="Region sizes in tiles (squares: 1, 4, 9, 16, 25).")
-    parser.add_argument("--checkpoint", default=None, help="A trained best.ckpt (default: a fixed random conv net).")
+    parser.add_argument("--checkpoint", default=None, help="A trained best.ckpt (default: --model).")
+    parser.add_argument("--model", choices=("unet", "conv"), default="unet",
+                        help="Without --checkpoint: the shipped U-Net / ResNet-18 with random weights (the compute of "
+                             "a trained model) or a tiny random conv net (pipeline overhead dominates).")
+    parser.add_argument("--efficiency-size", type=int, default=4,
+                        help="Region size (tiles) of the efficiency run: region chips/s ÷ bare forward chips/s.")
+    parser.add_argument("--efficiency", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--plan-level", type=int, default=16)
     parser.add_argument("--tile-px", type=int, default=512)
     parser.add_argument("--overlap-px", type=int, default=64)
@@ -130,8 +182,9 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="aegir-bench-infer-") as tmp:
         rows = [_run_size(side, args, Path(tmp)) for side in sides]
+        efficiency = _run_size(math.isqrt(args.efficiency_size), args, Path(tmp), efficiency=True)
     first = rows[0]
-    model = f"checkpoint {args.checkpoint}" if args.checkpoint else "random conv"
+    model = f"checkpoint {args.checkpoint}" if args.checkpoint else f"{args.model} (random weights)"
     print(f"aegir infer region: Austin tiles, S2 level {args.plan_level} cells, {args.tile_px}² chips "
           f"(overlap {args.overlap_px}), model {model}, {args.threads} torch thread(s)")
     print(f"{'area':>5} {'tiles':>5} {'cells':>5} {'chips':>6} {'detect':>6} {'chips/s':>8} {'peak MB':>8} "
@@ -146,6 +199,10 @@ def main() -> None:
     print(f"peak RSS at {rows[-1]['tiles'] // first['tiles']}x area / 1x: {rows[-1]['peak_mb'] / first['peak_mb']:.2f} "
           f"(max {worst:.2f}); {'flat' if worst < 1.25 else 'NOT flat'} (< 1.25×); "
           f"total {time.perf_counter() - started:.0f} s")
+    ratio = efficiency["chips_per_s"] / efficiency["bare_chips_per_s"]
+    print(f"pipeline efficiency ({efficiency['tiles']} tiles, {efficiency['chips']} chips): region "
+          f"{efficiency['chips_per_s']:.2f} chips/s ÷ bare forward {efficiency['bare_chips_per_s']:.2f} chips/s "
+          f"on the same chips in memory = {ratio:.2f} (goal ≥ 0.9)")
 
 
 if __name__ == "__main__":

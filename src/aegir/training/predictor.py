@@ -82,10 +82,52 @@ def _tile_weights(origin: tuple[int, int], tile_shape: tuple[int, int], image_sh
     return np.outer(rows, cols)
 
 
-def _batches(origins: list[tuple[int, int]], batch_size: int) -> Iterator[list[tuple[int, int]]]:
-    size = max(1, batch_size)
-    for start in range(0, len(origins), size):
-        yield origins[start : start + size]
+class TileBlend:
+    """The blend of one image's overlapping tiles, filled in any order and by any batching: :meth:`tiles` says which
+    tiles to predict, :meth:`add` accumulates each tile's (h, w) probabilities, :meth:`probabilities` divides by
+    the summed weights. Several blends can share one batch stream (tiles of many cells in one network pass), and
+    every pixel ends with the same value as :func:`blended_probabilities` gives it.
+
+    ``image_shape``: (C, H, W) or (H, W); ``valid`` ((H, W) bool, optional): tiles without a valid pixel are not
+    listed and pixels outside ``valid`` end at probability 0."""
+
+    def __init__(self, image_shape: tuple[int, ...], tile_px: int, overlap_px: int,
+                 valid: np.ndarray | None = None) -> None:
+        self.shape, self.overlap_px = tuple(image_shape[-2:]), overlap_px
+        self.tile = _tile_shape(image_shape, tile_px)
+        origins = _tile_origins(image_shape, tile_px, overlap_px)
+        self.total = np.zeros(self.shape, dtype=np.float64)
+        self.weight_sum = np.zeros_like(self.total)
+        for row, col in origins:  # every tile's weight counts, predicted or not (see ``valid``)
+            self.weight_sum[row : row + self.tile[0], col : col + self.tile[1]] += self._weights((row, col))
+        self.valid = None if valid is None else np.asarray(valid, bool)
+        if self.valid is not None:
+            origins = [(r, c) for r, c in origins if self.valid[r : r + self.tile[0], c : c + self.tile[1]].any()]
+        self.origins = origins
+        self.pending = len(origins)
+
+    def _weights(self, origin: tuple[int, int]) -> np.ndarray:
+        return _tile_weights(origin, self.tile, self.shape, self.overlap_px)
+
+    def tiles(self, image: np.ndarray) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
+        """(origin (row, col), (C, h, w) view of ``image``) of every tile to predict."""
+        for row, col in self.origins:
+            yield (row, col), image[:, row : row + self.tile[0], col : col + self.tile[1]]
+
+    def add(self, origin: tuple[int, int], probability: np.ndarray) -> None:
+        """Accumulate one tile's (h, w) probabilities (weights built per tile: memory stays O(image))."""
+        if probability.shape != self.tile:
+            raise ValueError(f"the model returned {probability.shape} for a tile of {self.tile}")
+        row, col = origin
+        self.total[row : row + self.tile[0], col : col + self.tile[1]] += self._weights(origin) * probability
+        self.pending -= 1
+
+    def probabilities(self) -> np.ndarray:
+        """(H, W) float32 blended probabilities (0 outside ``valid``)."""
+        if self.pending:
+            raise RuntimeError(f"{self.pending} tiles of the blend were never added")
+        blended = (self.total / self.weight_sum).astype(np.float32)
+        return blended if self.valid is None else np.where(self.valid, blended, np.float32(0))
 
 
 def blended_probabilities(
@@ -102,27 +144,18 @@ def blended_probabilities(
     tiles without a single valid pixel are not predicted and pixels outside ``valid`` get probability 0 (every
     valid pixel lies only in predicted tiles, so its blend is unchanged)."""
     predict_tiles = tile_predictor(predict)
-    shape, tile = image.shape, _tile_shape(image.shape, tile_px)
-    origins = _tile_origins(shape, tile_px, overlap_px)
-    total = np.zeros(shape[-2:], dtype=np.float64)
-    weight_sum = np.zeros_like(total)
-    for row, col in origins:  # every tile's weight counts, predicted or not (see ``valid``)
-        weight_sum[row : row + tile[0], col : col + tile[1]] += _tile_weights((row, col), tile, shape, overlap_px)
-    if valid is not None:
-        valid = np.asarray(valid, bool)
-        origins = [(r, c) for r, c in origins if valid[r : r + tile[0], c : c + tile[1]].any()]
-    for group in _batches(origins, batch_size):
-        tiles = np.stack([image[:, r : r + tile[0], c : c + tile[1]] for r, c in group])
-        probabilities = np.asarray(predict_tiles(tiles), dtype=np.float64)
-        if probabilities.shape != (len(group), *tile):
-            raise ValueError(f"the model returned {probabilities.shape} for tiles {tiles.shape}, "
-                             f"expected {(len(group), *tile)}")
-        for (row, col), tile_probability in zip(group, probabilities):
-            weight = _tile_weights((row, col), tile, shape, overlap_px)  # built per tile: memory stays O(image)
-            total[row : row + tile[0], col : col + tile[1]] += weight * tile_probability
-    blended = (total / weight_sum).astype(np.float32)
-    return blended if valid is None else np.where(valid, blended, np.float32(0))
-
+    blend = TileBlend(image.shape, tile_px, overlap_px, valid)
+    tiles = list(blend.tiles(image))
+    for start in range(0, len(tiles), max(1, batch_size)):
+        group = tiles[start : start + max(1, batch_size)]
+        batch = np.stack([tile for _, tile in group])
+        probabilities = np.asarray(predict_tiles(batch), dtype=np.float64)
+        if probabilities.shape != (len(group), *blend.tile):
+            raise ValueError(f"the model returned {probabilities.shape} for tiles {batch.shape}, "
+                             f"expected {(len(group), *blend.tile)}")
+        for (origin, _), probability in zip(group, probabilities):
+            blend.add(origin, probability)
+    return blend.probabilities()
 
 
 def _view(image: np.ndarray, code: int) -> np.ndarray:
