@@ -139,3 +139,19 @@ def test_segmentation_model_predicts_through_the_tiled_predictor(austin_image):
                                blended_probabilities(image, tiled.predict_batch, 256, 64, 4), atol=1e-5)
     with pytest.raises(ValueError, match=r"\(3, H, W\)"):
         tiled.predict_proba(image[:2])
+
+
+def test_tta_averages_the_dihedral_views_mapped_back(austin_image):
+    """D4 test-time augmentation: a per-pixel model is unchanged by it; a convolutional one (zero padding, so not
+    rotation-equivariant) gets the mean of its eight views, each rotated / flipped back onto the tile."""
+    from aegir.training.predictor import D4_VIEWS, _unview, _view, tta_predictor
+
+    tiles = np.stack([austin_image[:, :256, :256], austin_image[:, 256:512, 100:356]])
+    dark = lambda batch: np.where(batch.mean(axis=1) < 60, 0.9, 0.05).astype(np.float32)  # noqa: E731
+    assert np.array_equal(tta_predictor(dark)(tiles), dark(tiles))
+    predict = _predict(_conv_model())
+    expected = np.mean([_unview(predict(np.ascontiguousarray(_view(tiles, code))), code) for code in D4_VIEWS], axis=0)
+    averaged = tta_predictor(predict)(tiles)
+    assert averaged.shape == (2, 256, 256) and np.allclose(averaged, expected, atol=1e-6)
+    assert np.abs(averaged - predict(tiles)).max() > 1e-3  # the views disagree: TTA changes the answer
+    assert tta_predictor(predict, (0,)) is predict

@@ -29,6 +29,8 @@ def infer_region(
     threshold: Annotated[float, typer.Option(help="PV probability threshold of a detection.")] = 0.5,
     gap_m: Annotated[float, typer.Option(help="Detections at most this many metres apart form one installation.")] = 5.0,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when present).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Model tiles per forward pass, across cells.")] = 4,
+    tta: Annotated[bool, typer.Option("--tta", help="Average every tile over its 8 dihedral views (D4; 8× the compute).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """PV probabilities, detections and installations over a region, cell by cell; a re-run finishes only what is
@@ -40,7 +42,7 @@ def infer_region(
             task = bar.add_task("cells", total=None)
             report = run_region(settings_of(ctx), checkpoint, out, tiles, aoi, plan_level, tile_px, overlap_px, threshold,
                                 progress=lambda done, total: bar.update(task, completed=done, total=total),
-                                device=device, gap_m=gap_m)
+                                device=device, gap_m=gap_m, batch_size=batch_size, tta=tta)
     except (ValueError, FileNotFoundError, ducklake.StoreError) as exc:
         fail(str(exc))
     if as_json:

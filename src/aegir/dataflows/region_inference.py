@@ -1,7 +1,8 @@
 """Hamilton dataflow: one S2 work cell of a region → tile mosaic, blended PV probabilities, detections.
 
 Inputs: ``cell_token`` (S2 token of the work cell), ``tile_index`` (the region's
-:class:`~aegir.store.region_files.TileRef` list, sorted by file name), ``tile_reader`` (a store function
+:class:`~aegir.store.region_files.TileRef` list, sorted by file name; its ``tile_tree`` is best built once and
+given as an override), ``tile_reader`` (a store function
 ``(TileRef, bounds, crs) -> Chip``: the I/O is received, like a connection), ``segmentation_model`` (an object with
 ``predict_batch((B, 3, t, t) uint8) -> (B, t, t)`` or ``predict_proba((3, H, W) uint8) -> (H, W) float32``; tiles
 blended by :func:`aegir.training.predictor.blended_probabilities`), ``model_checkpoint`` (its path), ``plan_id``,
@@ -73,9 +74,17 @@ def cell_polygon(cell_token: str) -> shapely.Geometry:
     return s2geometry.s2_cell_polygon(cell_token)
 
 
-def cell_tiles(cell_token: str, cell_polygon: shapely.Geometry, tile_index: list[TileRef]) -> list[TileRef]:
+def tile_tree(tile_index: list[TileRef]) -> shapely.STRtree:
+    """An STRtree over the tiles' footprints (EPSG:4326), in index order; a job builds it once per region and
+    passes it to every cell (Hamilton override), so finding a cell's tiles does not scan the whole index."""
+    return shapely.STRtree([t.footprint for t in tile_index])
+
+
+def cell_tiles(cell_token: str, cell_polygon: shapely.Geometry, tile_index: list[TileRef],
+               tile_tree: shapely.STRtree) -> list[TileRef]:
     """The tiles whose footprint overlaps the cell with some area, in index order; NoImageryError when none."""
-    hits = [t for t in tile_index if shapely.intersection(t.footprint, cell_polygon).area > 0]
+    near = np.sort(tile_tree.query(cell_polygon, predicate="intersects"))
+    hits = [tile_index[i] for i in near if shapely.intersection(tile_index[i].footprint, cell_polygon).area > 0]
     if not hits:
         raise NoImageryError(f"no tile of the region overlaps S2 cell {cell_token}")
     return hits

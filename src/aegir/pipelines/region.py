@@ -1,17 +1,20 @@
 """Regional tiled inference (``aegir infer region``): a resumable S2 grid plan over a folder of tiles, run one
 cell at a time through :mod:`aegir.dataflows.region_inference`.
 
-Per cell: read the overlapping tiles, mosaic them on a common grid, blend overlapping-tile probabilities, write
+Per cell: read the overlapping tiles, mosaic them on a common grid (read ahead in a worker thread), blend
+overlapping-tile probabilities (model tiles of several cells share forward passes), write
 ``OUT/cells/<token>.tif`` (COG, uint8 probability × 255) and replace the cell's rows in the lakehouse table
-``predicted_pv`` while marking it done (one transaction). A cell whose read or prediction fails is marked
-``failed`` with the reason and the others go on; a cell without imagery is marked ``no_imagery``; a killed run
-leaves its cell ``running``. A re-run of the same inputs (same plan id) skips done cells and finishes the rest.
+``predicted_pv`` while marking it done (a transaction per ``commit_every`` cells). A cell whose read or prediction
+fails is marked ``failed`` with the reason and the others go on; a cell without imagery is marked ``no_imagery``;
+cells are marked ``running`` a chunk at a time before they are read, so a killed run leaves the cells it had
+started ``running`` (an interrupt still records the cells that finished). A re-run of the same inputs (same plan
+id) skips done cells and finishes the rest.
 At the end ``OUT/detections.parquet`` (GeoParquet) and ``OUT/detections.gpkg`` are rewritten from every
 ``predicted_pv`` row of the plan, and the plan's detections are merged across tile and cell borders into
 installations (:mod:`aegir.dataflows.installations`: detections within ``gap_m`` metres form one, with area,
 orientation and a DC-capacity estimate from the shipped USPVDB relation), which replace the plan's rows of the
-lakehouse table ``installations`` and are written to ``OUT/installations.parquet`` / ``.gpkg``. Only one cell's
-mosaic is in memory at a time.
+lakehouse table ``installations`` and are written to ``OUT/installations.parquet`` / ``.gpkg``. Only a few cells'
+windows are in memory at a time (``read_ahead`` + 2 at most), whatever the region's size.
 """
 
 from __future__ import annotations
@@ -24,16 +27,17 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import shapely
 
 from aegir.config import Settings
 from aegir.dataflows import region_inference
-from aegir.pipelines import build_driver, run_stage
+from aegir.pipelines import build_driver, region_engine, run_stage
 from aegir.pipelines.plan import plan_grid
 from aegir.store import capacity_files, ducklake, region_files
+from aegir.training.predictor import D4_VIEWS
 
 CELL_OUTPUTS = ("cell_probability_raster", "prediction_rows")
 TODO_STATUSES = ("pending", "running", "failed")
@@ -74,12 +78,13 @@ class RegionReport:
 
 
 class _CountingModel:
-    """The model's batch predictor (:func:`aegir.training.predictor.tile_predictor`), counting the tiles predicted."""
+    """The model's batch predictor (averaged over the dihedral test-time ``views``: (0,) is none), counting the
+    tiles predicted (each tile once, whatever the views)."""
 
-    def __init__(self, model: Any) -> None:
-        from aegir.training.predictor import tile_predictor
+    def __init__(self, model: Any, views: tuple[int, ...] = (0,)) -> None:
+        from aegir.training.predictor import tta_predictor
 
-        self.predict_tiles, self.calls = tile_predictor(model), 0
+        self.predict_tiles, self.calls = tta_predictor(model, views), 0
         self.data_version = getattr(model, "data_version", -1)
         self.dataset_uri = getattr(model, "dataset_uri", "")
 
@@ -161,29 +166,88 @@ def _without_hamilton_banner():
         logger.removeFilter(keep)
 
 
-def _run_cell(con, settings: Settings, plan_id: str, token: str, dag, inputs: dict, out: Path,
-              report: RegionReport) -> None:
-    """Process one cell and record its outcome in the plan and ``report``."""
-    ducklake.set_cell_status(con, settings, plan_id, token, "running")
-    try:
+class _CellRecorder:
+    """The cells' outcomes, written to the lakehouse in batches of ``commit_every`` (one transaction each: rows
+    of done cells + statuses), and to ``report``; :meth:`flush` writes what is left."""
+
+    def __init__(self, con, settings: Settings, plan_id: str, report: RegionReport, commit_every: int) -> None:
+        self.con, self.settings, self.plan_id, self.report = con, settings, plan_id, report
+        self.commit_every = max(1, commit_every)
+        self.done: dict[str, Any] = {}
+        self.ended: dict[str, tuple[str, str]] = {}
+
+    def add_done(self, token: str, rows, raster: Path) -> None:
+        self.done[token] = rows
+        self.report.processed.append(token)
+        self.report.cell_rasters.append(str(raster))
+        self._maybe_flush()
+
+    def add_ended(self, token: str, exc: BaseException) -> None:
+        if isinstance(exc, region_inference.NoImageryError):
+            self.ended[token] = ("no_imagery", str(exc))
+            self.report.no_imagery.append({"cell_token": token, "reason": str(exc)})
+        else:
+            reason = f"{type(exc).__name__}: {exc}"
+            self.ended[token] = ("failed", reason)
+            self.report.failed.append({"cell_token": token, "reason": reason})
+        self._maybe_flush()
+
+    def _maybe_flush(self) -> None:
+        if len(self.done) + len(self.ended) >= self.commit_every:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.done or self.ended:
+            self.report.new_detections += ducklake.record_cells(self.con, self.settings, self.plan_id, self.done,
+                                                                self.ended)
+            self.done, self.ended = {}, {}
+
+
+def _marked_running(con, settings: Settings, plan_id: str, tokens: list[str], chunk: int) -> Iterator[str]:
+    """``tokens`` in order; each chunk is marked ``running`` (one statement) just before its first cell is read."""
+    for start in range(0, len(tokens), max(1, chunk)):
+        part = tokens[start : start + max(1, chunk)]
+        ducklake.mark_cells_running(con, settings, plan_id, part)
+        yield from part
+
+
+def _run_cells(con, settings: Settings, plan_id: str, todo: list[str], dag, inputs: dict, out: Path,
+               report: RegionReport, engine: dict[str, int], on_cell: Callable[[], None]) -> None:
+    """Every ``todo`` cell through the engine (:mod:`aegir.pipelines.region_engine`): read ahead, batched
+    across cells, blended; then detections + COG per cell and batched lakehouse writes."""
+    read_dag = build_driver([region_inference])  # the reader thread's own driver
+    tree = region_inference.tile_tree(inputs["tile_index"])  # once per region
+
+    def read(token: str) -> region_engine.CellWork:
         with _without_hamilton_banner():
-            result = dag.execute(list(CELL_OUTPUTS), inputs={**inputs, "cell_token": token,
-                                                              "predicted_at": dt.datetime.now(dt.timezone.utc)})
-        raster = region_files.write_probability_cog(result["cell_probability_raster"], out / "cells" /
-                                                    f"{token}.tif")
-    except region_inference.NoImageryError as exc:
-        ducklake.set_cell_status(con, settings, plan_id, token, "no_imagery", str(exc))
-        report.no_imagery.append({"cell_token": token, "reason": str(exc)})
-        return
-    except Exception as exc:  # a failing read / prediction must not stop the region: the plan keeps the reason
-        reason = f"{type(exc).__name__}: {exc}"
-        ducklake.set_cell_status(con, settings, plan_id, token, "failed", reason)
-        report.failed.append({"cell_token": token, "reason": reason})
-        return
-    report.new_detections += ducklake.replace_cell_predictions(con, settings, plan_id, token,
-                                                               result["prediction_rows"])
-    report.processed.append(token)
-    report.cell_rasters.append(str(raster))
+            got = read_dag.execute(["cell_mosaic", "mosaic_grid"], inputs={**inputs, "cell_token": token},
+                                   overrides={"tile_tree": tree})
+        return region_engine.CellWork(token, got, got["cell_mosaic"].pixels, got["cell_mosaic"].valid)
+
+    recorder = _CellRecorder(con, settings, plan_id, report, engine["commit_every"])
+    reads = region_engine.read_ahead(_marked_running(con, settings, plan_id, todo, engine["commit_every"]), read,
+                                     engine["read_workers"], engine["read_ahead"])
+    try:
+        for cell in region_engine.blended_cells(reads, inputs["segmentation_model"].predict_batch,
+                                                inputs["tile_px"], inputs["overlap_px"], engine["batch_size"],
+                                                engine["read_ahead"] + 2):
+            try:
+                if cell.error is not None:
+                    raise cell.error
+                with _without_hamilton_banner():
+                    result = dag.execute(list(CELL_OUTPUTS), overrides={**cell.read,
+                                                                        "cell_probabilities": cell.probabilities},
+                                         inputs={**inputs, "cell_token": cell.token,
+                                                 "predicted_at": dt.datetime.now(dt.timezone.utc)})
+                raster = region_files.write_probability_cog(result["cell_probability_raster"],
+                                                            out / "cells" / f"{cell.token}.tif")
+            except Exception as exc:  # a failing read / prediction must not stop the region: the plan keeps the reason
+                recorder.add_ended(cell.token, exc)
+            else:
+                recorder.add_done(cell.token, result["prediction_rows"], raster)
+            on_cell()
+    finally:
+        recorder.flush()  # the finished cells' outcomes, also when interrupted
 
 
 def plan_installations(rows: pa.Table, plan_id: str, gap_m: float = 5.0,
@@ -212,6 +276,11 @@ def infer_region(
     device: str | None = None,
     cell_boosts: dict[str, float] | None = None,
     gap_m: float = 5.0,
+    batch_size: int = 4,
+    read_workers: int = 1,
+    read_ahead: int = 2,
+    commit_every: int = 8,
+    tta: bool = False,
 ) -> RegionReport:
     """PV probabilities and detections for the tiles of ``tiles_dir`` (all of them, or the S2 cells of level
     ``plan_level`` covering ``aoi``: a vector/WKT file, a bbox string or a shapely geometry, EPSG:4326).
@@ -219,7 +288,9 @@ def infer_region(
     ``progress(done, total)`` is called per cell. ``model`` overrides loading ``checkpoint`` (the checkpoint is
     still the provenance). ``cell_boosts`` (S2 token at ``plan_level`` → boost > 0, the
     find-more-like-this hook) are processed before every other cell. Detections at most ``gap_m`` metres apart
-    form one installation. Raises ValueError / FileNotFoundError for unusable inputs, :class:`NoImageryError`
+    form one installation. Engine (:mod:`aegir.pipelines.region_engine`): ``batch_size`` model tiles per forward
+    pass across cells, ``read_workers`` threads reading up to ``read_ahead`` cells ahead, outcomes written every
+    ``commit_every`` cells; ``tta``: every tile averaged over its eight dihedral views (D4). Raises ValueError / FileNotFoundError for unusable inputs, :class:`NoImageryError`
     when no tile overlaps the AOI.
     """
     started = time.perf_counter()
@@ -231,29 +302,38 @@ def infer_region(
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"{checkpoint}: no such checkpoint")
     plan_id = region_plan_id(tiles, region, plan_level, checkpoint,
-                             (tile_px, overlap_px, pv_threshold, context_px, min_detection_px))
+                             (tile_px, overlap_px, pv_threshold, context_px, min_detection_px)
+                             + (("tta",) if tta else ()))
     plan = plan_grid(settings, plan_id, region, plan_level=plan_level, context_level=max(plan_level - 3, 0),
                      cell_boosts=cell_boosts)
     _check_imagery(settings, plan, plan_id, region, str(aoi), tiles, tiles_dir)
     out = Path(out_dir)
     report = RegionReport(plan_id, str(out), plan.num_rows, tiles_skipped=tiles_skipped, gap_m=float(gap_m))
-    counting = _CountingModel(model if model is not None else _load_model(checkpoint, device))
+    counting = _CountingModel(model if model is not None else _load_model(checkpoint, device),
+                              D4_VIEWS if tta else (0,))
     inputs = {"tile_index": tiles, "tile_reader": region_files.read_tile_window, "segmentation_model": counting,
               "model_checkpoint": str(Path(checkpoint).resolve()), "plan_id": plan_id, "tile_px": tile_px,
               "overlap_px": overlap_px, "pv_threshold": pv_threshold, "context_px": context_px,
               "min_detection_px": min_detection_px}
     dag = build_driver([region_inference])
+    rows_now = plan.to_pylist()
+    report.resumed = [r["cell_token"] for r in rows_now if r["status"] == "running"]
+    report.skipped_done = [r["cell_token"] for r in rows_now if r["status"] == "done"]
+    todo = [r["cell_token"] for r in rows_now if r["status"] in TODO_STATUSES]
+    finished = [plan.num_rows - len(todo)]
+
+    def on_cell() -> None:
+        finished[0] += 1
+        if progress:
+            progress(finished[0], plan.num_rows)
+
+    engine = {"batch_size": batch_size, "read_workers": read_workers, "read_ahead": read_ahead,
+              "commit_every": commit_every}
     con = ducklake.connect(settings)
     try:
-        for done, row in enumerate(plan.to_pylist(), start=1):
-            if row["status"] == "running":
-                report.resumed.append(row["cell_token"])
-            if row["status"] in TODO_STATUSES:
-                _run_cell(con, settings, plan_id, row["cell_token"], dag, inputs, out, report)
-            elif row["status"] == "done":
-                report.skipped_done.append(row["cell_token"])
-            if progress:
-                progress(done, plan.num_rows)
+        if progress and finished[0]:
+            progress(finished[0], plan.num_rows)
+        _run_cells(con, settings, plan_id, todo, dag, inputs, out, report, engine, on_cell)
         rows = ducklake.read_predictions(con, settings, plan_id)
         installations = plan_installations(rows, plan_id, gap_m, capacity_params)
         ducklake.replace_plan_installations(con, settings, plan_id, installations)

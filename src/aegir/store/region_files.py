@@ -4,12 +4,14 @@ detection and installation files (GeoParquet + GeoPackage).
 A tile's grid comes from the file's own georeference (GeoTIFF, world file) or else from its name (the Jiang PV01
 and Google-static conventions of :mod:`aegir.utils.geo`); indexing opens only the file header, so a tile whose
 pixels are damaged is still placed and fails when a cell reads it. GeoTIFF tiles are read by window (only the
-pixels a cell needs); PNG/BMP tiles have no windowed read and are read whole (640² px for the Austin tiles).
+pixels a cell needs; GDAL's block cache keeps the blocks neighbouring cells share); PNG/BMP tiles have no windowed
+read and are decoded whole (640² px for the Austin tiles), once while they stay among the last 32 read.
 Installations (detections merged per plan) are written like the detections.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from aegir.store import image_files, mask_files
 from aegir.utils import geo
 from aegir.utils.types import Chip
 
+NAMED_TILE_CACHE = 32  # decoded whole tiles kept (640² RGB: 1.2 MB each)
 GEO_SUFFIXES = (".geojson", ".json", ".gpkg", ".parquet", ".geoparquet", ".shp", ".fgb")
 
 
@@ -95,17 +98,27 @@ def _clip_bounds(tile: TileRef, bounds: tuple[float, float, float, float], crs: 
     return (max(bounds[0], left), max(bounds[1], bottom), min(bounds[2], right), min(bounds[3], top))
 
 
+@functools.lru_cache(maxsize=NAMED_TILE_CACHE)
+def decoded_named_tile(path: str, mtime_ns: int) -> Chip:
+    """A whole named PNG/BMP tile, decoded once while it stays among the last ``NAMED_TILE_CACHE`` tiles read
+    (keyed by path and modification time; ``decoded_named_tile.cache_info()`` counts the decodes). Neighbouring
+    cells share tiles, so without it every cell would decode each of its tiles again."""
+    from aegir.store.rasters import named_tile_chip
+
+    return named_tile_chip(path)
+
+
 def read_tile_window(tile: TileRef, bounds: tuple[float, float, float, float], crs: CRS) -> Chip:
     """The part of ``tile`` inside ``bounds`` ((left, bottom, right, top) in ``crs``) as a Chip on the tile's grid.
 
     GeoTIFFs: a windowed read of that part only. Named PNG/BMP tiles: the whole tile (no windowed read exists);
     a tile whose pixels differ in size from its indexed grid is a ValueError naming the file.
     """
-    from aegir.store.rasters import RasterWindow, geotiff_chip, named_tile_chip
+    from aegir.store.rasters import RasterWindow, geotiff_chip
 
     if not tile.named:
         return geotiff_chip(tile.path, RasterWindow(crs, bounds=_clip_bounds(tile, bounds, crs)))
-    chip = named_tile_chip(tile.path)
+    chip = decoded_named_tile(tile.path, os.stat(tile.path).st_mtime_ns)
     if (chip.width, chip.height) != (tile.width, tile.height):
         raise ValueError(f"{tile.path}: tile is {chip.width}x{chip.height} px, indexed as {tile.width}x{tile.height}")
     return chip

@@ -165,7 +165,7 @@ def _view(image: np.ndarray, code: int) -> np.ndarray:
 
 
 def _unview(probability: np.ndarray, code: int) -> np.ndarray:
-    """The inverse of :func:`_view` on an (H', W') map."""
+    """The inverse of :func:`_view` on an (…, H', W') map."""
     out = np.flip(probability, axis=-1) if code >= 4 else probability
     return np.rot90(out, -(code % 4), axes=(-2, -1))
 
@@ -177,3 +177,24 @@ def view_probabilities(image: np.ndarray, predict_proba: Callable[[np.ndarray], 
     onto the image grid. ``predict_proba``: (C, H, W) → (H, W), e.g. ``SegmentationModel.predict_proba``."""
     return np.stack([np.ascontiguousarray(_unview(predict_proba(np.ascontiguousarray(_view(image, code))), code))
                      for code in views]).astype(np.float32)
+
+
+D4_VIEWS = tuple(range(8))  # every dihedral view: 4 rotations × optional flip
+
+
+def tta_predictor(predict: PredictTiles | Any, views: tuple[int, ...] = D4_VIEWS) -> PredictTiles:
+    """A batch predictor averaging ``predict`` over dihedral test-time ``views`` (codes as in :func:`_view`):
+    each view of the (B, C, h, w) batch is predicted and mapped back before the mean. ``views = (0,)`` is
+    ``predict`` itself."""
+    predict_tiles = tile_predictor(predict)
+    if tuple(views) == (0,):
+        return predict_tiles
+
+    def averaged(tiles: np.ndarray) -> np.ndarray:
+        total = np.zeros((tiles.shape[0], *tiles.shape[-2:]), dtype=np.float64)
+        for code in views:
+            viewed = np.asarray(predict_tiles(np.ascontiguousarray(_view(tiles, code))), dtype=np.float64)
+            total += _unview(viewed, code)
+        return (total / len(views)).astype(np.float32)
+
+    return averaged

@@ -75,7 +75,9 @@ from aegir.store.ducklake.plans import (
 from aegir.store.ducklake.predictions import (
     PREDICTED_PV_TABLE,
     detection_centroids,
+    mark_cells_running,
     read_predictions,
+    record_cells,
     replace_cell_predictions,
 )
 from aegir.store.errors import StoreError
@@ -126,6 +128,8 @@ __all__ = [
     "read_predictions",
     "renew_lease",
     "replace_cell_predictions",
+    "record_cells",
+    "mark_cells_running",
     "replace_plan_installations",
     "rerank_grid_plan",
     "s3_secret_statement",
