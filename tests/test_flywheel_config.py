@@ -155,6 +155,10 @@ def test_target_images_from_files_globs_and_the_imagery_catalog(tmp_path):
         resolve(["catalog:nowhere"])
     with pytest.raises(FileNotFoundError, match="no_such_tile"):
         resolve([str(austin / "no_such_tile.png")])
+    (out / "partition.json").write_text(json.dumps({"labelled": [], "val": [], "target": [],
+                                                    "test": [str(tiles[1])]}))
+    with pytest.raises(ValueError, match=r"target_images holds 1 image.*in test"):
+        resolve([str(austin / "30.301307_-97.70[34]*.png")])  # a seed-test image may never be pseudo-labelled
 
 
 def test_seed_uri_copies_the_masked_rows_of_another_table(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import asdict
@@ -18,8 +19,12 @@ plan_app = typer.Typer(help="National plans: an AOI or a country covered by S2 c
 
 
 def _default_plan_id(aoi: str, level: int) -> str:
-    stem = Path(aoi).stem if Path(aoi).suffix else aoi
-    return f"{re.sub(r'[^a-z0-9]+', '-', stem.lower()).strip('-')[:48] or 'aoi'}-l{level}"
+    """``<name>-<hash>-l<level>``: readable from the AOI's name, unique by a hash of the whole AOI argument (two
+    bboxes or files with the same stem never share a plan)."""
+    path = Path(aoi)
+    stem = path.stem if path.is_file() else aoi
+    digest = hashlib.sha1(str(path.resolve() if path.is_file() else aoi).encode()).hexdigest()[:8]
+    return f"{re.sub(r'[^a-z0-9]+', '-', stem.lower()).strip('-')[:40] or 'aoi'}-{digest}-l{level}"
 
 
 @plan_app.callback(invoke_without_command=True)

@@ -21,7 +21,7 @@ def infer_region(
     ctx: typer.Context,
     checkpoint: Annotated[Path, typer.Option(help="A checkpoint from `aegir train` (best.ckpt).")],
     out: Annotated[Path, typer.Option(help="Folder for OUT/cells/<token>.tif (probability COGs), OUT/detections.parquet / .gpkg and OUT/installations.parquet / .gpkg.")],
-    tiles: Annotated[Optional[Path], typer.Option(help="Folder of image tiles (named PNG/BMP, GeoTIFF): the imagery to read.")] = None,
+    tiles: Annotated[Optional[str], typer.Option(help="The imagery: a folder or glob of tiles (named PNG/BMP, GeoTIFF/COG, VRT), one raster or mosaic, a COG URL, a STAC catalog (.json), or catalog:<dataset>.")] = None,
     aoi: Annotated[Optional[str], typer.Option(help="AOI: GeoJSON/GPKG/GeoParquet file, a WKT file, or min_lon,min_lat,max_lon,max_lat (default: the tiles' extent).")] = None,
     plan_level: Annotated[int, typer.Option(help="S2 level of the work cells (14 ≈ 600 m, 15 ≈ 300 m).")] = 14,
     tile_px: Annotated[int, typer.Option(help="Model tile size in pixels.")] = 512,

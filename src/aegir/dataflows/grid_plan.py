@@ -22,21 +22,15 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import shapely
-from pyproj import Geod
-from shapely.geometry.polygon import orient
 
-from aegir.utils import s2geometry
+from aegir.utils import geo, s2geometry
 
 MAX_PLAN_CELLS = 5_000_000  # a country at level 14 needs ~1.3e6 (Germany); beyond this the AOI or level is wrong
-_GEOD = Geod(ellps="WGS84")
 
 
 def aoi_area_km2(aoi_geometry: shapely.Geometry) -> float:
     """Geodesic area of the AOI's polygons in km² (WGS84 ellipsoid; lines and points count 0)."""
-    parts = shapely.get_parts(aoi_geometry)
-    polygons = [orient(p, 1.0) for p in parts if p.geom_type == "Polygon"]
-    polygons += [orient(q, 1.0) for p in parts if p.geom_type == "MultiPolygon" for q in p.geoms]
-    return sum(_GEOD.geometry_area_perimeter(p)[0] for p in polygons) / 1e6
+    return float(geo.geodesic_area_m2(shapely.get_parts(aoi_geometry)).sum()) / 1e6
 
 
 def plan_cell_ids(aoi_geometry: shapely.Geometry, plan_level: int) -> np.ndarray:

@@ -28,11 +28,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import shapely
-from pyproj import Geod, Transformer
+from pyproj import Transformer
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from aegir.dataflows.capacity_fit import CapacityRelation
+from aegir.utils import geo
 
 INSTALLATION_NAMESPACE = uuid.UUID("0b7e3c55-8f0a-4c7e-9d2b-5b1f3f6a2c41")
 INSTALLATION_SCHEMA = pa.schema([
@@ -43,7 +44,6 @@ INSTALLATION_SCHEMA = pa.schema([
     ("capacity_extrapolated", pa.bool_()), ("centroid_lon", pa.float64()), ("centroid_lat", pa.float64()),
     ("gap_m", pa.float64()),
 ])
-_GEOD = Geod(ellps="WGS84")
 _M_PER_DEG_LAT_MIN = 110_574.0  # metres per degree of latitude at the equator (its minimum)
 _M_PER_DEG_LON_EQUATOR = 111_319.0  # metres per degree of longitude at the equator (× cos(lat) elsewhere, ≤)
 _SLACK_M = 1e-6  # numerical slack of the metric distance check (m)
@@ -87,12 +87,6 @@ def _first_seen_order(labels: np.ndarray) -> np.ndarray:
     return rank[inverse]
 
 
-def _geodesic_area_m2(geometry: np.ndarray) -> np.ndarray:
-    """(N,) geodesic area in m² on the WGS84 ellipsoid of (N,) EPSG:4326 geometries."""
-    oriented = shapely.orient_polygons(geometry)
-    return np.array([abs(_GEOD.geometry_area_perimeter(g)[0]) for g in oriented], dtype=np.float64)
-
-
 def _column(plan_predictions: pa.Table, name: str) -> pa.ChunkedArray:
     if name not in plan_predictions.column_names:
         raise ValueError(f"predicted_pv rows lack the column {name!r} (columns: {plan_predictions.column_names})")
@@ -130,7 +124,7 @@ def member_scores(plan_predictions: pa.Table) -> np.ndarray:
 
 def member_area_m2(member_geometry: np.ndarray) -> np.ndarray:
     """(N,) geodesic area of each detection in m² (WGS84)."""
-    return _geodesic_area_m2(member_geometry)
+    return geo.geodesic_area_m2(member_geometry)
 
 
 def _checked_gap(gap_m: float) -> float:
@@ -183,7 +177,7 @@ def installation_geometry(member_geometry: np.ndarray, installation_labels: np.n
 
 def installation_area_m2(installation_geometry: np.ndarray) -> np.ndarray:
     """(K,) geodesic area in m² (WGS84 ellipsoid)."""
-    return _geodesic_area_m2(installation_geometry)
+    return geo.geodesic_area_m2(installation_geometry)
 
 
 def _dominant_edge_azimuth(local: shapely.Geometry) -> float:

@@ -18,16 +18,15 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import shapely
-from pyproj import Geod
 
 from aegir.store.label_files import LabelSource
+from aegir.utils import geo
 
 DERIVED_COLUMNS = (
     "row_hash", "dataset_name", "source_file", "source_row", "geometry_wkt", "geometry_wkb", "area_m2",
     "centroid_lat", "centroid_lon", "h3_12", "label_date", "doi", "imported_at",
 )
 DATE_COLUMN_CANDIDATES = ("label_date", "date", "p_img_date", "image_date", "acquired", "acquisition_date")
-_GEOD = Geod(ellps="WGS84")
 _POLYGONAL = {"Polygon", "MultiPolygon"}
 
 
@@ -124,8 +123,7 @@ def accepted_geometry(repaired_geometry: np.ndarray, accepted_mask: np.ndarray) 
 
 def area_m2(accepted_geometry: np.ndarray) -> np.ndarray:
     """Geodesic area on the WGS84 ellipsoid in m² (0 for points/lines). Shape (M,), float64."""
-    oriented = shapely.orient_polygons(accepted_geometry)
-    return np.array([abs(_GEOD.geometry_area_perimeter(g)[0]) for g in oriented], dtype=np.float64)
+    return geo.geodesic_area_m2(accepted_geometry)
 
 
 def _centroids(accepted_geometry: np.ndarray) -> np.ndarray:

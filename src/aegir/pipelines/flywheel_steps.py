@@ -92,7 +92,9 @@ def partition(context: RoundContext) -> dict[str, list[str]]:
     shares = {"target": cfg.holdout_target_share, "test": cfg.holdout_test_share}
     parts: dict[str, list[str]] = {part: [] for part in PARTS} | {"labelled": [str(p) for p in images]}
     if images and any(shares.values()):
-        shares["val"] = float(cfg.train.get("val_fraction", 0.0)) * (1 - sum(shares.values()))
+        from aegir.training.config import TrainConfig
+
+        shares["val"] = float(cfg.train.get("val_fraction", TrainConfig.val_fraction)) * (1 - sum(shares.values()))
         centres = np.array([geo.chip_centre_lonlat(mask_files.read_image_chip(p)) for p in images])
         names = holdout_parts(centres, cfg.holdout_level, shares, str(cfg.seed))
         parts = {part: [str(p) for p, n in zip(images, names) if n == part] for part in PARTS}
@@ -108,7 +110,9 @@ def target_image_paths(context: RoundContext) -> list[Path]:
     ``catalog:<dataset>``)."""
     from aegir.pipelines.imagery import list_imagery
 
-    paths = [Path(p) for p in partition(context)["target"]]
+    parts = partition(context)
+    paths = [Path(p) for p in parts["target"]]
+    held = {Path(p).resolve(): part for part in ("labelled", "val", "test") for p in parts[part]}
     for entry in context.config.target_images:
         if entry.startswith("catalog:"):
             rows = list_imagery(context.settings, entry.removeprefix("catalog:"))
@@ -117,6 +121,11 @@ def target_image_paths(context: RoundContext) -> list[Path]:
             paths += [Path(u) for u in rows["uri"].to_pylist() if "#" not in u]
         else:
             paths += image_files.resolve_image_entries([entry], "target_images")
+    clash = [(p, held[p.resolve()]) for p in paths if p.resolve() in held]
+    if clash:
+        raise ValueError(f"target_images holds {len(clash)} image(s) of the seed's labelled / val / test parts "
+                         f"(e.g. {clash[0][0]} in {clash[0][1]}): the loop must not pseudo-label imagery it trains, "
+                         "validates or is scored on")
     return paths
 
 
@@ -239,8 +248,8 @@ def round_train_config(context: RoundContext):
     parts = partition(context)
     if parts["test"]:
         values["test_fraction"] = 0.0
-    if parts["val_cells"]:
-        values["val_cells"] = parts["val_cells"]
+    if parts["val_cells"]:  # the val part's cells; the split lists its cells at the same level
+        values |= {"val_cells": parts["val_cells"], "split_level": cfg.holdout_level}
     return TrainConfig.from_dict(values)
 
 

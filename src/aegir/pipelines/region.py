@@ -6,15 +6,16 @@ overlapping-tile probabilities (model tiles of several cells share forward passe
 ``OUT/cells/<token>.tif`` (COG, uint8 probability × 255) and replace the cell's rows in the lakehouse table
 ``predicted_pv`` while marking it done (a transaction per ``commit_every`` cells). A cell whose read or prediction
 fails is marked ``failed`` with the reason and the others go on; a cell without imagery is marked ``no_imagery``;
-cells are marked ``running`` a chunk at a time before they are read, so a killed run leaves the cells it had
-started ``running`` (an interrupt still records the cells that finished). A re-run of the same inputs (same plan
+cells are marked ``running`` ``read_ahead`` + 1 at a time just before they are read, so a killed run leaves the
+cells it had started (and at most ``read_ahead`` about to start) ``running`` (an interrupt still records the cells that finished). A re-run of the same inputs (same plan
 id) skips done cells and finishes the rest.
 At the end ``OUT/detections.parquet`` (GeoParquet) and ``OUT/detections.gpkg`` are rewritten from every
 ``predicted_pv`` row of the plan, and the plan's detections are merged across tile and cell borders into
 installations (:mod:`aegir.dataflows.installations`: detections within ``gap_m`` metres form one, with area,
 orientation and a DC-capacity estimate from the shipped USPVDB relation), which replace the plan's rows of the
 lakehouse table ``installations`` and are written to ``OUT/installations.parquet`` / ``.gpkg``. Only a few cells'
-windows are in memory at a time (``read_ahead`` + 2 at most), whatever the region's size.
+windows are in memory at a time (about 2 × ``read_ahead`` + 4: read ahead, waiting for tiles, post-processed),
+whatever the region's size.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import logging
+import threading
 import math
 import time
 from dataclasses import dataclass, field
@@ -101,7 +103,8 @@ def region_plan_id(tiles: list[region_files.TileRef], aoi: shapely.Geometry, pla
     ckpt = Path(checkpoint).resolve()
     stat = ckpt.stat()
     digest = hashlib.sha1()
-    tile_paths = sorted(str(Path(t.path).absolute()) for t in tiles)
+    tile_paths = sorted(t.path if region_files.is_remote_source(t.path) else str(Path(t.path).absolute())
+                        for t in tiles)
     for part in (*tile_paths, shapely.to_wkb(aoi, hex=True, output_dimension=2),
                  str(ckpt), stat.st_size, stat.st_mtime_ns, plan_level, *settings_key):
         digest.update(str(part).encode() + b"\0")
@@ -121,12 +124,25 @@ def _load_model(checkpoint: str | Path, device: str | None) -> Any:
     return load_segmentation_model(str(checkpoint), device=device)
 
 
-def _index_tiles(tiles_dir: str | Path | None, aoi: Any) -> tuple[list[region_files.TileRef], list[dict]]:
+def _index_tiles(settings: Settings, tiles_dir: str | Path | None, aoi: Any
+                 ) -> tuple[list[region_files.TileRef], list[dict]]:
+    """The region's tiles from ``tiles_dir``: a folder, glob, raster file, COG URL or STAC catalog
+    (:func:`aegir.store.region_files.tile_sources`), or ``catalog:<dataset>`` (the lakehouse imagery catalog)."""
     if tiles_dir is None:
         given = f"the AOI {aoi} selects cells, but " if aoi is not None else ""
-        raise ValueError(f"{given}region inference reads imagery from a tile folder: pass --tiles DIR "
-                         "(no other imagery source is configured)")
-    tiles, skipped = region_files.tile_index(tiles_dir)
+        raise ValueError(f"{given}region inference reads imagery from a source: pass --tiles (a folder, glob, "
+                         "raster file, COG URL, STAC catalog or catalog:<dataset>)")
+    source = str(tiles_dir)
+    if source.startswith("catalog:"):
+        from aegir.pipelines.imagery import list_imagery
+
+        rows = list_imagery(settings, source.removeprefix("catalog:"))
+        uris = [u for u in rows["uri"].to_pylist() if "#" not in u] if rows.num_rows else []
+        if not uris:
+            raise ValueError(f"--tiles {source}: the imagery catalog holds no readable image of that dataset")
+        tiles, skipped = region_files.tile_index(uris)
+    else:
+        tiles, skipped = region_files.tile_index(tiles_dir)
     if not tiles:
         reasons = "; ".join(f"{s['file']}: {s['reason']}" for s in skipped[:3])
         raise ValueError(f"{tiles_dir}: no tile can be placed on the map ({reasons})")
@@ -215,17 +231,19 @@ def _run_cells(con, settings: Settings, plan_id: str, todo: list[str], dag, inpu
                report: RegionReport, engine: dict[str, int], on_cell: Callable[[], None]) -> None:
     """Every ``todo`` cell through the engine (:mod:`aegir.pipelines.region_engine`): read ahead, batched
     across cells, blended; then detections + COG per cell and batched lakehouse writes."""
-    read_dag = build_driver([region_inference])  # the reader thread's own driver
+    drivers = threading.local()  # each reader thread its own Hamilton driver
     tree = region_inference.tile_tree(inputs["tile_index"])  # once per region
 
     def read(token: str) -> region_engine.CellWork:
+        if not hasattr(drivers, "dag"):
+            drivers.dag = build_driver([region_inference])
         with _without_hamilton_banner():
-            got = read_dag.execute(["cell_mosaic", "mosaic_grid"], inputs={**inputs, "cell_token": token},
+            got = drivers.dag.execute(["cell_mosaic", "mosaic_grid"], inputs={**inputs, "cell_token": token},
                                    overrides={"tile_tree": tree})
         return region_engine.CellWork(token, got, got["cell_mosaic"].pixels, got["cell_mosaic"].valid)
 
     recorder = _CellRecorder(con, settings, plan_id, report, engine["commit_every"])
-    reads = region_engine.read_ahead(_marked_running(con, settings, plan_id, todo, engine["commit_every"]), read,
+    reads = region_engine.read_ahead(_marked_running(con, settings, plan_id, todo, engine["read_ahead"] + 1), read,
                                      engine["read_workers"], engine["read_ahead"])
     try:
         for cell in region_engine.blended_cells(reads, inputs["segmentation_model"].predict_batch,
@@ -297,7 +315,7 @@ def infer_region(
     if not (math.isfinite(gap_m) and gap_m >= 0):
         raise ValueError(f"gap_m must be a finite distance >= 0 metres, got {gap_m}")
     capacity_params = capacity_files.read_capacity_params()
-    tiles, tiles_skipped = _index_tiles(tiles_dir, aoi)
+    tiles, tiles_skipped = _index_tiles(settings, tiles_dir, aoi)
     region = _region_aoi(aoi, tiles)
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"{checkpoint}: no such checkpoint")
@@ -335,12 +353,12 @@ def infer_region(
             progress(finished[0], plan.num_rows)
         _run_cells(con, settings, plan_id, todo, dag, inputs, out, report, engine, on_cell)
         rows = ducklake.read_predictions(con, settings, plan_id)
+        parquet, gpkg = region_files.write_detections(rows, out)  # first: an installations failure keeps them
+        report.detections, report.detections_parquet, report.detections_gpkg = rows.num_rows, str(parquet), str(gpkg)
         installations = plan_installations(rows, plan_id, gap_m, capacity_params)
         ducklake.replace_plan_installations(con, settings, plan_id, installations)
     finally:
         con.close()
-    parquet, gpkg = region_files.write_detections(rows, out)
-    report.detections, report.detections_parquet, report.detections_gpkg = rows.num_rows, str(parquet), str(gpkg)
     parquet, gpkg = region_files.write_installations(installations, out)
     report.installations, report.installations_parquet, report.installations_gpkg = (installations.num_rows,
                                                                                       str(parquet), str(gpkg))

@@ -2,8 +2,8 @@
 per-cell blends, and batched writes.
 
 * **read ahead** — ``read_workers`` threads build the next cells' mosaics (tile decodes, warps: numpy, PIL and
-  GDAL release the GIL) while the model runs; at most ``read_ahead`` cells wait, so memory stays bounded by a few
-  cells' windows whatever the region's size.
+  GDAL release the GIL) while the model runs; ``read_ahead`` + 1 reads are in flight at most, so memory stays
+  bounded by a few cells' windows whatever the region's size.
 * **batches across cells** — every cell's model tiles (:class:`aegir.training.predictor.TileBlend`) join one
   queue per tile shape; a forward pass takes ``batch_size`` tiles from it, from as many cells as needed. A cell is
   blended as soon as its last tile is back, with exactly the weights :func:`blended_probabilities` uses (tiled ==
@@ -47,8 +47,8 @@ class CellWork:
 
 def read_ahead(tokens: Iterable[str], read_cell: Callable[[str], CellWork], workers: int,
                ahead: int) -> Iterator[CellWork]:
-    """``read_cell(token)`` for every token, in order, ``ahead`` cells in flight on ``workers`` threads (0: read
-    inline). A read that raises an ``Exception`` yields the cell with ``error`` set."""
+    """``read_cell(token)`` for every token, in order, up to ``ahead`` + 1 cells in flight on ``workers`` threads
+    (0: read inline). A read that raises an ``Exception`` yields the cell with ``error`` set."""
     def safe(token: str) -> CellWork:
         try:
             return read_cell(token)

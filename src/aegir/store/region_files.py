@@ -12,6 +12,7 @@ Installations (detections merged per plan) are written like the detections.
 from __future__ import annotations
 
 import functools
+import glob
 import os
 import warnings
 from dataclasses import dataclass
@@ -53,42 +54,88 @@ class TileRef:
         return geo.grid_bounds(self.transform, self.width, self.height)
 
 
-def _raster_header(path: Path) -> tuple[CRS | None, Affine, int, int] | None:
+REMOTE_PREFIXES = ("http://", "https://", "s3://", "gs://", "/vsi")
+RASTER_SUFFIXES = (*image_files.IMAGE_SUFFIXES, ".vrt")
+STAC_SUFFIXES = (".json",)
+
+
+def is_remote_source(source: str) -> bool:
+    """A URL or GDAL virtual path (read remotely), not a local file."""
+    return source.startswith(REMOTE_PREFIXES)
+
+
+def _gdal_path(source: str) -> str:
+    """What rasterio opens: URLs as given (GDAL reads COGs by HTTP range requests), local paths as paths."""
+    return source if is_remote_source(source) else str(Path(source))
+
+
+def _raster_header(source: str) -> tuple[CRS | None, Affine, int, int] | None:
     """(crs or None, transform, width, height) from the file header; None when the header is unreadable."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         try:
-            with rasterio.open(path) as dataset:
+            with rasterio.open(_gdal_path(source)) as dataset:
                 return dataset.crs, dataset.transform, dataset.width, dataset.height
         except RasterioIOError:
             return None
 
 
-def _tile_ref(path: Path) -> TileRef:
+def _tile_ref(source: str) -> TileRef:
     """The tile's grid from its georeference, else from its name (ValueError naming the file when neither)."""
-    header = _raster_header(path)
+    header = _raster_header(source)
     if header is not None and header[0] is not None:
         crs, transform, width, height = header
         named = False
     else:
+        if is_remote_source(source):
+            raise ValueError("no georeference in the remote file (or it cannot be read)")
         size = header[2:] if header is not None else (None, None)
-        grid = geo.named_tile_grid(geo.parse_tile_name(path), *size)
+        grid = geo.named_tile_grid(geo.parse_tile_name(Path(source)), *size)
         crs, transform, width, height, named = grid.crs, grid.transform, grid.width, grid.height, True
     footprint = geo.footprint_lonlat(crs, geo.grid_bounds(transform, width, height))
-    return TileRef(str(path), crs, transform, int(width), int(height), footprint, named)
+    return TileRef(source, crs, transform, int(width), int(height), footprint, named)
 
 
-def tile_index(tiles_dir: str | Path) -> tuple[list[TileRef], list[dict]]:
-    """The placeable tiles of ``tiles_dir`` sorted by file name, and the others as {file, reason}.
+def _stac_sources(href: str) -> list[str]:
+    """The data asset (GeoTIFF / COG) of every item of a static STAC catalog or collection, absolute hrefs."""
+    from aegir.store import stac
 
-    Raises FileNotFoundError when the folder is missing or holds no image files.
-    """
+    catalog = stac.stac_catalog(href)
+    catalog.make_all_asset_hrefs_absolute()
+    return [stac.item_data_asset(item).get_absolute_href() for item in stac.stac_items(catalog)]
+
+
+def tile_sources(source: str | Path) -> list[str]:
+    """The rasters of one imagery source, sorted: a folder (its images and GDAL VRTs), a glob, one file (GeoTIFF /
+    COG / mosaic VRT / named tile), a remote COG (``http(s)://``, ``s3://``, ``/vsi…``: read by range requests)
+    or a static STAC catalog / collection (``*.json``: every item's data asset). FileNotFoundError naming the
+    source when it holds no raster."""
+    text = str(source)
+    if is_remote_source(text):
+        return _stac_sources(text) if text.lower().endswith(STAC_SUFFIXES) else [text]
+    path = Path(text)
+    if path.is_dir():
+        found = sorted(str(p) for p in path.iterdir() if p.is_file() and p.suffix.lower() in RASTER_SUFFIXES)
+    elif path.is_file():
+        found = _stac_sources(text) if path.suffix.lower() in STAC_SUFFIXES else [text]
+    else:
+        found = sorted(m for m in glob.glob(text) if Path(m).suffix.lower() in RASTER_SUFFIXES)
+    if not found:
+        raise FileNotFoundError(f"{source}: no imagery (a folder or glob of {', '.join(RASTER_SUFFIXES)} files, a "
+                                "raster file, a COG URL or a STAC catalog)")
+    return found
+
+
+def tile_index(sources: str | Path | list[str]) -> tuple[list[TileRef], list[dict]]:
+    """The placeable tiles of one or more imagery sources (see :func:`tile_sources`), in source order then
+    sorted by name, and the others as {file, reason}. FileNotFoundError when a source holds no raster."""
     tiles, skipped = [], []
-    for path in image_files.list_image_files(tiles_dir):
-        try:
-            tiles.append(_tile_ref(path))
-        except ValueError as exc:
-            skipped.append({"file": str(path), "reason": f"cannot place the tile: {exc}"})
+    for source in sources if isinstance(sources, list) else [sources]:
+        for raster in tile_sources(source):
+            try:
+                tiles.append(_tile_ref(raster))
+            except ValueError as exc:
+                skipped.append({"file": raster, "reason": f"cannot place the tile: {exc}"})
     return tiles, skipped
 
 
@@ -117,7 +164,7 @@ def read_tile_window(tile: TileRef, bounds: tuple[float, float, float, float], c
     from aegir.store.rasters import RasterWindow, geotiff_chip
 
     if not tile.named:
-        return geotiff_chip(tile.path, RasterWindow(crs, bounds=_clip_bounds(tile, bounds, crs)))
+        return geotiff_chip(_gdal_path(tile.path), RasterWindow(crs, bounds=_clip_bounds(tile, bounds, crs)))
     chip = decoded_named_tile(tile.path, os.stat(tile.path).st_mtime_ns)
     if (chip.width, chip.height) != (tile.width, tile.height):
         raise ValueError(f"{tile.path}: tile is {chip.width}x{chip.height} px, indexed as {tile.width}x{tile.height}")

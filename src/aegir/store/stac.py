@@ -78,6 +78,12 @@ def _asset_for(item: pystac.Item, asset_key: str | None) -> tuple[str, pystac.As
     raise ValueError(f"STAC item {item.id}: no data/GeoTIFF asset; assets are {sorted(item.assets)}")
 
 
+def item_data_asset(item: pystac.Item, asset_key: str | None = None) -> pystac.Asset:
+    """The item's named asset, else its first asset with role 'data' or a GeoTIFF media type (ValueError naming
+    the item when it has none)."""
+    return _asset_for(item, asset_key)[1]
+
+
 def _asset_band_names(asset: pystac.Asset) -> list[str] | None:
     """Band names from the asset's ``eo:bands`` (STAC 1.0) or ``bands`` (STAC 1.1): name, else common_name."""
     bands = asset.extra_fields.get("eo:bands") or asset.extra_fields.get("bands")

@@ -60,6 +60,15 @@ _LATLON_RE = re.compile(r"^(?P<lat>-?\d+(?:\.\d+)?)_(?P<lon>-?\d+(?:\.\d+)?)$")
 TileConvention = Literal["jiang_pv01", "google_static_z19"]
 
 
+def geodesic_area_m2(geometry_lonlat: np.ndarray) -> np.ndarray:
+    """(N,) float64 area in m² on the WGS84 ellipsoid of (N,) shapely geometries in EPSG:4326 (points and lines
+    count 0; polygon orientation does not matter)."""
+    import shapely
+
+    oriented = shapely.orient_polygons(np.asarray(geometry_lonlat, dtype=object))
+    return np.array([abs(_GEOD.geometry_area_perimeter(g)[0]) for g in oriented], dtype=np.float64)
+
+
 @dataclass(frozen=True)
 class TileName:
     """A tile's centre parsed from its file name: ``lat``/``lon`` in EPSG:4326 degrees."""

@@ -222,6 +222,16 @@ class LedgerSession:
                 pause = min(pause * 2, 1.0)
 
 
+def _rollback(con: duckdb.DuckDBPyConnection) -> None:
+    """Roll back the open transaction; a failed COMMIT has already rolled back, and that is not a new error (the
+    original one is what the caller re-raises)."""
+    try:
+        con.execute("ROLLBACK")
+    except duckdb.Error as exc:
+        if "no transaction is active" not in str(exc).lower():
+            raise
+
+
 def _is_conflict(exc: duckdb.Error) -> bool:
     return isinstance(exc, duckdb.TransactionException) or "conflict" in str(exc).lower()
 
@@ -280,7 +290,7 @@ def claim_cells(
                             [worker_id, float(lease_seconds), plan_id])
             con.execute("COMMIT")
         except BaseException:
-            con.execute("ROLLBACK")
+            _rollback(con)
             raise
         return found.filter(pa.compute.invert(found["exhausted"])).drop_columns(["exhausted"])
 
@@ -335,7 +345,7 @@ def renew_lease(
             con.execute("COMMIT")
             return tokens
         except BaseException:
-            con.execute("ROLLBACK")
+            _rollback(con)
             raise
 
     return _retrying(_needs_plan_table(con, settings, plan_id, renew))

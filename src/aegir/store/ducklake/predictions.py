@@ -12,7 +12,6 @@ import pyarrow as pa
 
 from aegir.config import Settings
 from aegir.store.ducklake.connection import add_missing_columns, qualified, table_exists, transaction_with
-from aegir.store.ducklake.plans import set_cell_status
 
 PREDICTED_PV_TABLE = "predicted_pv"
 
@@ -30,18 +29,9 @@ def detection_centroids(con: duckdb.DuckDBPyConnection, settings: Settings) -> n
 def replace_cell_predictions(
     con: duckdb.DuckDBPyConnection, settings: Settings, plan_id: str, cell_token: str, rows: pa.Table
 ) -> int:
-    """Replace the ``predicted_pv`` rows of one (plan, cell) with ``rows`` and mark the cell done, in ONE
-    transaction: a re-run never duplicates a cell's detections, and a killed run leaves the cell unfinished."""
-    target = qualified(settings, PREDICTED_PV_TABLE)
-    with transaction_with(con, "aegir_incoming_predictions", rows):
-        if not table_exists(con, settings, PREDICTED_PV_TABLE):
-            con.execute(f"CREATE TABLE {target} AS SELECT * FROM aegir_incoming_predictions")
-        else:
-            add_missing_columns(con, settings, PREDICTED_PV_TABLE, "aegir_incoming_predictions")
-            con.execute(f"DELETE FROM {target} WHERE plan_id = ? AND cell_token = ?", [plan_id, cell_token])
-            con.execute(f"INSERT INTO {target} BY NAME SELECT * FROM aegir_incoming_predictions")
-        set_cell_status(con, settings, plan_id, cell_token, "done", f"{rows.num_rows} detections")
-    return rows.num_rows
+    """Replace the ``predicted_pv`` rows of one (plan, cell) with ``rows`` and mark it done, in ONE transaction
+    (:func:`record_cells` for one cell): a re-run never duplicates a cell's detections."""
+    return record_cells(con, settings, plan_id, {cell_token: rows})
 
 
 def record_cells(
