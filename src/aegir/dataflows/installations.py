@@ -127,7 +127,8 @@ def member_area_m2(member_geometry: np.ndarray) -> np.ndarray:
     return geo.geodesic_area_m2(member_geometry)
 
 
-def _checked_gap(gap_m: float) -> float:
+def checked_gap_m(gap_m: float) -> float:
+    """``gap_m`` as a float; ValueError unless it is a finite distance >= 0 metres."""
     if not (math.isfinite(gap_m) and gap_m >= 0):
         raise ValueError(f"gap_m must be a finite distance >= 0 metres, got {gap_m}")
     return float(gap_m)
@@ -136,7 +137,7 @@ def _checked_gap(gap_m: float) -> float:
 def candidate_groups(member_geometry: np.ndarray, gap_m: float = 5.0) -> np.ndarray:
     """(N,) int: connected groups of detections within a lon/lat distance that is never shorter than ``gap_m``
     metres (a superset of the installations: no pair within ``gap_m`` is split)."""
-    gap = _checked_gap(gap_m)
+    gap = checked_gap_m(gap_m)
     if len(member_geometry) == 0:
         return np.empty(0, np.int64)
     max_lat = min(float(np.abs(shapely.bounds(member_geometry)[:, [1, 3]]).max()), 89.0)

@@ -25,7 +25,6 @@ import datetime as dt
 import hashlib
 import logging
 import threading
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ import shapely
 
 from aegir.config import Settings
 from aegir.dataflows import region_inference
+from aegir.dataflows.installations import checked_gap_m
 from aegir.pipelines import build_driver, region_engine, run_stage
 from aegir.pipelines.plan import plan_grid
 from aegir.store import capacity_files, ducklake, region_files
@@ -312,8 +312,7 @@ def infer_region(
     when no tile overlaps the AOI.
     """
     started = time.perf_counter()
-    if not (math.isfinite(gap_m) and gap_m >= 0):
-        raise ValueError(f"gap_m must be a finite distance >= 0 metres, got {gap_m}")
+    checked_gap_m(gap_m)  # before any cell runs
     capacity_params = capacity_files.read_capacity_params()
     tiles, tiles_skipped = _index_tiles(settings, tiles_dir, aoi)
     region = _region_aoi(aoi, tiles)

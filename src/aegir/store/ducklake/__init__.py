@@ -78,7 +78,6 @@ from aegir.store.ducklake.predictions import (
     mark_cells_running,
     read_predictions,
     record_cells,
-    replace_cell_predictions,
 )
 from aegir.store.errors import StoreError
 
@@ -127,7 +126,6 @@ __all__ = [
     "read_grid_plan",
     "read_predictions",
     "renew_lease",
-    "replace_cell_predictions",
     "record_cells",
     "mark_cells_running",
     "replace_plan_installations",

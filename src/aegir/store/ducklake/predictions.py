@@ -26,14 +26,6 @@ def detection_centroids(con: duckdb.DuckDBPyConnection, settings: Settings) -> n
     return np.column_stack([rows["centroid_lon"], rows["centroid_lat"]]).astype(np.float64)
 
 
-def replace_cell_predictions(
-    con: duckdb.DuckDBPyConnection, settings: Settings, plan_id: str, cell_token: str, rows: pa.Table
-) -> int:
-    """Replace the ``predicted_pv`` rows of one (plan, cell) with ``rows`` and mark it done, in ONE transaction
-    (:func:`record_cells` for one cell): a re-run never duplicates a cell's detections."""
-    return record_cells(con, settings, plan_id, {cell_token: rows})
-
-
 def record_cells(
     con: duckdb.DuckDBPyConnection, settings: Settings, plan_id: str, done: dict[str, pa.Table],
     ended: dict[str, tuple[str, str]] | None = None,
