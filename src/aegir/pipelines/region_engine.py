@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from aegir.training.predictor import PredictTiles, TileBlend
+from aegir.training.predictor import PredictTiles, TileBlend, predicted_tiles
 
 
 @dataclass
@@ -91,10 +91,7 @@ class _Batcher:
         live = [(cell, origin, tile) for cell, origin, tile in group if cell.error is None]
         if live:
             try:
-                probabilities = np.asarray(self.predict_tiles(np.stack([t for _, _, t in live])), dtype=np.float64)
-                if probabilities.shape != (len(live), *shape[-2:]):
-                    raise ValueError(f"the model returned {probabilities.shape} for tiles "
-                                     f"{(len(live), *shape)}")
+                probabilities = predicted_tiles(self.predict_tiles, np.stack([t for _, _, t in live]))
                 for (cell, origin, _), probability in zip(live, probabilities):
                     cell.blend.add(origin, probability)
             except Exception as exc:  # the batch's cells fail with the reason; the others go on

@@ -82,6 +82,16 @@ def _tile_weights(origin: tuple[int, int], tile_shape: tuple[int, int], image_sh
     return np.outer(rows, cols)
 
 
+def predicted_tiles(predict_tiles: PredictTiles, batch: np.ndarray) -> np.ndarray:
+    """(B, h, w) float64 probabilities of a (B, C, h, w) ``batch``; ValueError when the model returns another
+    shape."""
+    probabilities = np.asarray(predict_tiles(batch), dtype=np.float64)
+    expected = (batch.shape[0], *batch.shape[-2:])
+    if probabilities.shape != expected:
+        raise ValueError(f"the model returned {probabilities.shape} for tiles {batch.shape}, expected {expected}")
+    return probabilities
+
+
 class TileBlend:
     """The blend of one image's overlapping tiles, filled in any order and by any batching: :meth:`tiles` says which
     tiles to predict, :meth:`add` accumulates each tile's (h, w) probabilities, :meth:`probabilities` divides by
@@ -148,11 +158,7 @@ def blended_probabilities(
     tiles = list(blend.tiles(image))
     for start in range(0, len(tiles), max(1, batch_size)):
         group = tiles[start : start + max(1, batch_size)]
-        batch = np.stack([tile for _, tile in group])
-        probabilities = np.asarray(predict_tiles(batch), dtype=np.float64)
-        if probabilities.shape != (len(group), *blend.tile):
-            raise ValueError(f"the model returned {probabilities.shape} for tiles {batch.shape}, "
-                             f"expected {(len(group), *blend.tile)}")
+        probabilities = predicted_tiles(predict_tiles, np.stack([tile for _, tile in group]))
         for (origin, _), probability in zip(group, probabilities):
             blend.add(origin, probability)
     return blend.probabilities()
