@@ -10,6 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pyogrio
 import pytest
+import rasterio
+import rasterio.features
 import shapely
 from pyproj import Geod, Transformer
 
@@ -19,7 +21,7 @@ from aegir.pipelines.region import plan_installations
 from aegir.store import capacity_files, ducklake, region_files
 from aegir.utils import geo
 
-from conftest import LABELS
+from conftest import JIANG_PV01, LABELS
 
 OSM_GERMANY = LABELS / "osm_pv_germany_austria" / "germany_photovoltaic.shp"
 USPVDB = LABELS / "uspvdb" / "uspvdb_v3_0_20250430.csv"
@@ -114,6 +116,45 @@ def test_touching_fragments_join_at_gap_zero_and_a_bad_gap_is_a_clear_error(osm_
     for bad in (-1.0, float("nan")):
         with pytest.raises(ValueError, match="gap_m must be a finite distance >= 0"):
             plan_installations(_rows(_split_at_centroid(osm_pair[0])), "p", gap_m=bad)
+
+
+def _mask_polygons(stem: str, lon: float, overlap_px: int = 0) -> list[shapely.Geometry]:
+    """Pixel-staircase polygons of a real Jiang PV01 truth mask (4-connected: diagonal pixels are separate
+    polygons that touch at a point), at ~0.3 m pixels near ``lon`` / 30.3° N. With ``overlap_px``, each panel is
+    cut by two windows sharing ``overlap_px`` columns, as two cells keep the two truncations of one large
+    component: fragments that overlap."""
+    with rasterio.open(JIANG_PV01 / "masks" / f"{stem}.bmp") as src:
+        mask = (src.read(1) > 0).astype(np.uint8)
+    polygons = [shapely.geometry.shape(s) for s, _ in rasterio.features.shapes(mask, mask=mask > 0, connectivity=4)]
+    if overlap_px:
+        middle = mask.shape[1] / 2
+        windows = [shapely.box(-1, -1, middle + overlap_px, mask.shape[0] + 1),
+                   shapely.box(middle - overlap_px, -1, mask.shape[1] + 1, mask.shape[0] + 1)]
+        polygons = [part for p in polygons for w in windows if not (part := shapely.intersection(p, w)).is_empty]
+    to_lonlat = (lambda xy: np.column_stack([lon + 3e-6 * xy[:, 0], 30.3 - 3e-6 * xy[:, 1]]))
+    return [shapely.transform(p, to_lonlat) for p in polygons]
+
+
+def test_installation_geometry_is_the_geos_union_of_real_mask_polygons(monkeypatch):
+    """The union shortcut (only overlapping or edge-sharing detections go through GEOS's union; large ones
+    last) gives the polygon GEOS's union_all gives, on real staircase polygons that touch at points and overlap."""
+    from aegir.dataflows import installations
+
+    monkeypatch.setattr(installations, "_LARGE_POLYGON_VERTICES", 8)  # the large-polygon path on these panels
+    touching = _mask_polygons("PV01_325137_1204232", lon=-97.70)
+    overlapping = _mask_polygons("PV01_325190_1204161", lon=-97.69, overlap_px=40)
+    geometry = np.array(touching + overlapping, dtype=object)
+    pairs = installations.member_overlaps(geometry)
+    assert 0 < pairs.shape[1] < len(overlapping)  # overlapping fragments, not every pair
+    assert shapely.touches(geometry[:len(touching), None], geometry[None, :len(touching)]).any()
+    result = plan_installations(_rows(list(geometry)), "p", gap_m=0.5)
+    assert 2 <= result.num_rows < len(geometry)
+    ids = {f"d{i}": i for i in range(len(geometry))}
+    for members, wkb in zip(result.column("detection_ids").to_pylist(), result.column("geometry_wkb").to_pylist(),
+                            strict=True):
+        union, expected = shapely.from_wkb(wkb), shapely.union_all([geometry[ids[m]] for m in members])
+        assert union.is_valid and union.geom_type == expected.geom_type
+        assert shapely.symmetric_difference(union, expected).area <= 1e-9 * expected.area
 
 
 def _rectangle(lon: float, lat: float, azimuth: float, length_m: float, width_m: float) -> shapely.Geometry:

@@ -47,6 +47,8 @@ INSTALLATION_SCHEMA = pa.schema([
 _M_PER_DEG_LAT_MIN = 110_574.0  # metres per degree of latitude at the equator (its minimum)
 _M_PER_DEG_LON_EQUATOR = 111_319.0  # metres per degree of longitude at the equator (× cos(lat) elsewhere, ≤)
 _SLACK_M = 1e-6  # numerical slack of the metric distance check (m)
+_POLYGON = 3  # shapely.get_type_id of a Polygon
+_LARGE_POLYGON_VERTICES = 1_000
 
 
 def _aeqd(lon0: float, lat0: float) -> Transformer:
@@ -134,6 +136,31 @@ def checked_gap_m(gap_m: float) -> float:
     return float(gap_m)
 
 
+def _candidate_pairs(geometry: np.ndarray, distance: float) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs (``larger``, ``smaller``), each unordered pair once, of the geometries whose envelopes are at
+    most ``distance`` apart (in the geometry's units); ``larger`` has at least as many vertices and is prepared,
+    so an exact test costs O(log n) of the large polygon per pair instead of O(n) (a pixel-staircase detection can
+    hold 10⁵ vertices)."""
+    reach = np.array([-distance, -distance, distance, distance])
+    first, second = shapely.STRtree(geometry).query(shapely.box(*(shapely.bounds(geometry) + reach).T))
+    once = first < second
+    first, second = first[once], second[once]
+    vertices = shapely.get_num_coordinates(geometry)
+    swap = vertices[first] < vertices[second]
+    larger, smaller = np.where(swap, second, first), np.where(swap, first, second)
+    shapely.prepare(geometry[np.unique(larger)])
+    return larger, smaller
+
+
+def _pairs_within(geometry: np.ndarray, distance: float) -> np.ndarray:
+    """(2, M) index pairs of ``geometry`` at most ``distance`` apart (exact GEOS distance, the geometry's units)."""
+    if len(geometry) < 2:
+        return np.empty((2, 0), np.int64)
+    larger, smaller = _candidate_pairs(geometry, distance)
+    near = shapely.dwithin(geometry[larger], geometry[smaller], distance)
+    return np.stack([larger[near], smaller[near]])
+
+
 def candidate_groups(member_geometry: np.ndarray, gap_m: float = 5.0) -> np.ndarray:
     """(N,) int: connected groups of detections within a lon/lat distance that is never shorter than ``gap_m``
     metres (a superset of the installations: no pair within ``gap_m`` is split)."""
@@ -142,9 +169,7 @@ def candidate_groups(member_geometry: np.ndarray, gap_m: float = 5.0) -> np.ndar
         return np.empty(0, np.int64)
     max_lat = min(float(np.abs(shapely.bounds(member_geometry)[:, [1, 3]]).max()), 89.0)
     metres_per_degree = min(_M_PER_DEG_LAT_MIN, _M_PER_DEG_LON_EQUATOR * math.cos(math.radians(max_lat)))
-    pairs = shapely.STRtree(member_geometry).query(member_geometry, predicate="dwithin",
-                                                   distance=1.05 * gap / metres_per_degree)
-    return _components(len(member_geometry), pairs)
+    return _components(len(member_geometry), _pairs_within(member_geometry, 1.05 * gap / metres_per_degree))
 
 
 def installation_labels(member_geometry: np.ndarray, candidate_groups: np.ndarray,
@@ -155,24 +180,51 @@ def installation_labels(member_geometry: np.ndarray, candidate_groups: np.ndarra
     for rows in _members(candidate_groups):
         if len(rows) < 2:
             continue
-        local = _local_metric(member_geometry[rows])
-        pairs = shapely.STRtree(local).query(local, predicate="dwithin", distance=gap_m + _SLACK_M)
+        pairs = _pairs_within(_local_metric(member_geometry[rows]), gap_m + _SLACK_M)
         labels[rows] = rows[_components(len(rows), pairs)]  # any member's row number names the component
     return _first_seen_order(labels)
 
 
-def _polygonal(geometry: shapely.Geometry) -> shapely.Geometry:
-    """The polygonal part of a union (drops points / lines a GEOS union may leave)."""
-    if isinstance(geometry, (shapely.Polygon, shapely.MultiPolygon)):
-        return geometry
-    parts = [g for g in shapely.get_parts(geometry) if isinstance(g, (shapely.Polygon, shapely.MultiPolygon))]
-    return shapely.union_all(parts) if parts else shapely.Polygon()
+def member_valid_geometry(member_geometry: np.ndarray) -> np.ndarray:
+    """(N,) the detections made valid (GEOS ``make_valid``; a valid polygon is returned as it is)."""
+    return shapely.make_valid(member_geometry) if len(member_geometry) else member_geometry
 
 
-def installation_geometry(member_geometry: np.ndarray, installation_labels: np.ndarray) -> np.ndarray:
-    """(K,) Polygon / MultiPolygon (EPSG:4326): the union of each installation's detections."""
-    unions = [_polygonal(shapely.union_all(shapely.make_valid(member_geometry[rows])))
-              for rows in _members(installation_labels)]
+def member_overlaps(member_valid_geometry: np.ndarray) -> np.ndarray:
+    """(2, M) pairs of detections that must be dissolved into one polygon: their interiors intersect, or their
+    boundaries share a segment. Pairs that only touch at points (diagonal pixels of a 4-connected labelling)
+    stay separate parts of a valid MultiPolygon, as GEOS's union leaves them."""
+    if len(member_valid_geometry) < 2:
+        return np.empty((2, 0), np.int64)
+    larger, smaller = _candidate_pairs(member_valid_geometry, 0.0)
+    meet = shapely.intersects(member_valid_geometry[larger], member_valid_geometry[smaller])
+    larger, smaller = larger[meet], smaller[meet]
+    relations = shapely.relate(member_valid_geometry[larger], member_valid_geometry[smaller])
+    merge = np.array([r[0] != "F" or r[4] == "1" for r in relations], dtype=bool)  # DE-9IM: II, BB
+    return np.stack([larger[merge], smaller[merge]]).reshape(2, -1)
+
+
+def _dissolve(geometry: np.ndarray) -> shapely.Geometry:
+    """GEOS union of ``geometry``: the small polygons first, the large ones (> :data:`_LARGE_POLYGON_VERTICES`)
+    apart, then the two unions, so a large staircase polygon goes through one overlay with the small ones instead
+    of one per cascade level (2–3× faster on 10⁵-vertex detections, the same polygon)."""
+    large = shapely.get_num_coordinates(geometry) > _LARGE_POLYGON_VERTICES
+    return shapely.union(shapely.union_all(geometry[~large]), shapely.union_all(geometry[large]))
+
+
+def installation_geometry(member_valid_geometry: np.ndarray, installation_labels: np.ndarray,
+                          member_overlaps: np.ndarray) -> np.ndarray:
+    """(K,) Polygon / MultiPolygon (EPSG:4326): the union of each installation's detections. Only detections
+    that overlap (``member_overlaps``) go through GEOS's union; the others are disjoint or touch at points and
+    are collected as they are: the same geometry, without the union's cost on staircase polygons."""
+    pieces = _components(len(member_valid_geometry), member_overlaps)
+    piece_geometry = np.array([member_valid_geometry[rows[0]] if len(rows) == 1
+                               else _dissolve(member_valid_geometry[rows]) for rows in _members(pieces)], dtype=object)
+    unions = []
+    for rows in _members(installation_labels):
+        parts = shapely.get_parts(shapely.get_parts(piece_geometry[np.unique(pieces[rows])]))  # collections too
+        polygons = parts[(shapely.get_type_id(parts) == _POLYGON) & ~shapely.is_empty(parts)]
+        unions.append(polygons[0] if len(polygons) == 1 else shapely.MultiPolygon(list(polygons)))
     return np.array(unions, dtype=object)
 
 

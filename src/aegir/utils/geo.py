@@ -62,11 +62,21 @@ TileConvention = Literal["jiang_pv01", "google_static_z19"]
 
 def geodesic_area_m2(geometry_lonlat: np.ndarray) -> np.ndarray:
     """(N,) float64 area in m² on the WGS84 ellipsoid of (N,) shapely geometries in EPSG:4326 (points and lines
-    count 0; polygon orientation does not matter)."""
+    count 0; polygon orientation does not matter): the signed geodesic areas of the rings (shells
+    counter-clockwise, holes clockwise) summed per geometry."""
     import shapely
 
-    oriented = shapely.orient_polygons(np.asarray(geometry_lonlat, dtype=object))
-    return np.array([abs(_GEOD.geometry_area_perimeter(g)[0]) for g in oriented], dtype=np.float64)
+    geometry = np.asarray(geometry_lonlat, dtype=object)
+    parts, owner = shapely.get_parts(shapely.orient_polygons(geometry), return_index=True)
+    polygons = shapely.get_type_id(parts) == 3
+    rings, ring_part = shapely.get_rings(parts[polygons], return_index=True)
+    coords, ring_of = shapely.get_coordinates(rings, return_index=True)
+    starts = np.searchsorted(ring_of, np.arange(len(rings) + 1))
+    signed = np.array([_GEOD.polygon_area_perimeter(coords[a:b, 0], coords[a:b, 1])[0]
+                       for a, b in zip(starts[:-1], starts[1:], strict=True)], dtype=np.float64)
+    ring_owner = owner[polygons][ring_part]
+    return np.abs(np.bincount(ring_owner, weights=signed, minlength=len(geometry))) if len(rings) else \
+        np.zeros(len(geometry))
 
 
 @dataclass(frozen=True)
