@@ -13,6 +13,7 @@ import pytest
 import rasterio
 import rasterio.features
 import shapely
+from conftest import JIANG_PV01, LABELS
 from pyproj import Geod, Transformer
 
 from aegir.dataflows.capacity_fit import CapacityRelation
@@ -20,8 +21,6 @@ from aegir.pipelines import run_stage
 from aegir.pipelines.region import plan_installations
 from aegir.store import capacity_files, ducklake, region_files
 from aegir.utils import geo
-
-from conftest import JIANG_PV01, LABELS
 
 OSM_GERMANY = LABELS / "osm_pv_germany_austria" / "germany_photovoltaic.shp"
 USPVDB = LABELS / "uspvdb" / "uspvdb_v3_0_20250430.csv"

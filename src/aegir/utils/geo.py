@@ -24,12 +24,12 @@ derives a north-up grid from them. Both are approximations, so chips built on th
 from __future__ import annotations
 
 import functools
-
+import itertools
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from affine import Affine
@@ -39,6 +39,9 @@ from rasterio.enums import Resampling
 from rasterio.warp import reproject, transform_bounds
 
 from aegir.utils.types import Chip
+
+if TYPE_CHECKING:
+    import shapely
 
 JIANG_GSD_M = 0.1
 JIANG_TILE_PX = 256
@@ -73,7 +76,7 @@ def geodesic_area_m2(geometry_lonlat: np.ndarray) -> np.ndarray:
     coords, ring_of = shapely.get_coordinates(rings, return_index=True)
     starts = np.searchsorted(ring_of, np.arange(len(rings) + 1))
     signed = np.array([_GEOD.polygon_area_perimeter(coords[a:b, 0], coords[a:b, 1])[0]
-                       for a, b in zip(starts[:-1], starts[1:], strict=True)], dtype=np.float64)
+                       for a, b in itertools.pairwise(starts)], dtype=np.float64)
     ring_owner = owner[polygons][ring_part]
     return np.abs(np.bincount(ring_owner, weights=signed, minlength=len(geometry))) if len(rings) else \
         np.zeros(len(geometry))
@@ -264,7 +267,7 @@ def grid_bounds(transform: Affine, width: int, height: int) -> tuple[float, floa
     return (min(left, right), min(bottom, top), max(left, right), max(bottom, top))
 
 
-def footprint_lonlat(crs: CRS, bounds: tuple[float, float, float, float]) -> "shapely.Geometry":
+def footprint_lonlat(crs: CRS, bounds: tuple[float, float, float, float]) -> shapely.Geometry:
     """The box ``bounds`` (left, bottom, right, top in ``crs``) as an EPSG:4326 polygon, edges densified."""
     import shapely
     from rasterio.warp import transform_geom
