@@ -155,3 +155,68 @@ def test_tta_averages_the_dihedral_views_mapped_back(austin_image):
     assert averaged.shape == (2, 256, 256) and np.allclose(averaged, expected, atol=1e-6)
     assert np.abs(averaged - predict(tiles)).max() > 1e-3  # the views disagree: TTA changes the answer
     assert tta_predictor(predict, (0,)) is predict
+
+
+def test_margins_leave_tile_edges_out_and_still_sum_to_one():
+    """``margin_px``: weights ~0 within the margin of an inner tile edge, a raised-cosine ramp after it, and two
+    tiles overlapping by exactly ``overlap_px`` sum to 1; the default margin keeps a 64 px ramp."""
+    from aegir.training.predictor import _axis_weights, checked_margin_px, default_margin_px
+
+    first, second = _axis_weights(0, 512, 2000, 224, 80), _axis_weights(288, 512, 2000, 224, 80)
+    band = slice(288, 512)  # the overlap, in the first tile's coordinates
+    np.testing.assert_allclose(first[band] + second[:224], 1.0, atol=2e-6)
+    assert first[-80:].max() < 1e-5 and second[80:224 - 80].min() > 0 and second[:80].max() < 1e-5
+    assert default_margin_px(224) == 80 and default_margin_px(64) == 0 and checked_margin_px(224, None) == 80
+    for overlap, margin in ((224, 112), (64, -1), (0, 8)):
+        with pytest.raises(ValueError, match="margin_px must lie in"):
+            checked_margin_px(overlap, margin)
+
+
+def _per_image_model(net: torch.nn.Module, **options):
+    """A :class:`SegmentationModel` with per-image normalisation whose network is ``net`` (logits)."""
+    import aegir.training  # noqa: F401  (torchvision shim before smp)
+    from aegir.training.config import TrainConfig
+    from aegir.training.litmodule import SegmentationLitModule, SegmentationModel, checkpoint_payload
+
+    module = SegmentationLitModule(TrainConfig(encoder="resnet18", normalization="per_image"),
+                                   {"mean": [110.0] * 3, "std": [50.0] * 3})
+    model = SegmentationModel(checkpoint_payload(module, 0, "memory://", None, {}, 0), **options)
+    model.net.net = net
+    return model
+
+
+def test_per_image_models_are_tiled_with_the_image_statistics(austin_image):
+    """A per-image-normalised model sees every tile of an image standardised by the image's own statistics
+    (over its valid pixels), so tiled == whole-image inference; per-tile statistics would leave seams."""
+    logits = torch.nn.Sequential(*list(_conv_model())[:-1])  # the short-context conv net, logits out
+    model = _per_image_model(logits, tile=256, overlap=64)
+    whole = model.predict_standardized(model.standardized(austin_image)[None])[0]
+    tiled = model.predict_proba(austin_image)
+    assert np.abs(tiled - whole).max() < 1e-4
+    per_tile = blended_probabilities(austin_image, model.predict_batch, 256, 64)
+    assert np.abs(per_tile - whole).max() > 10 * max(np.abs(tiled - whole).max(), 1e-4)
+    valid = np.zeros(austin_image.shape[1:], bool)
+    valid[:, :320] = True  # statistics of the valid half only
+    standardized = model.standardized(austin_image, valid)
+    assert np.allclose(standardized[:, valid].mean(axis=1), 0, atol=1e-4)
+    assert np.allclose(standardized[:, valid].std(axis=1, ddof=1), 1, atol=1e-3)
+
+
+def test_autocast_precision_and_channels_last_on_cpu(austin_image):
+    """bf16 autocast and NHWC weights give the fp32 probabilities (bf16 within its precision); an unknown
+    precision is a clear error."""
+    from aegir.training.litmodule import inference_precision
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(*list(_conv_model())[:-1])
+    tiles = np.stack([austin_image[:, :256, :256], austin_image[:, 256:512, :256]])
+    fp32_model = _per_image_model(net, precision="fp32")
+    tiles = np.stack([fp32_model.standardized(tile) for tile in tiles])
+    fp32 = fp32_model.predict_standardized(tiles)
+    nhwc = _per_image_model(net, precision="fp32", channels_last=True).predict_standardized(tiles)
+    bf16 = _per_image_model(net, precision="bf16").predict_standardized(tiles)
+    assert bf16.dtype == np.float32 and np.abs(nhwc - fp32).max() < 1e-5
+    assert 0 < np.abs(bf16 - fp32).max() < 0.05
+    assert inference_precision("auto", torch.device("cpu")) == "fp32"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        inference_precision("int8", torch.device("cpu"))

@@ -24,13 +24,15 @@ def infer_region(
     tiles: Annotated[Optional[str], typer.Option(help="The imagery: a folder or glob of tiles (named PNG/BMP, GeoTIFF/COG, VRT), one raster or mosaic, a COG URL, a STAC catalog (.json), or catalog:<dataset>.")] = None,
     aoi: Annotated[Optional[str], typer.Option(help="AOI: GeoJSON/GPKG/GeoParquet file, a WKT file, or min_lon,min_lat,max_lon,max_lat (default: the tiles' extent).")] = None,
     plan_level: Annotated[int, typer.Option(help="S2 level of the work cells (14 ≈ 600 m, 15 ≈ 300 m).")] = 14,
-    tile_px: Annotated[int, typer.Option(help="Model tile size in pixels.")] = 512,
-    overlap_px: Annotated[int, typer.Option(help="Overlap of neighbouring model tiles in pixels (blended).")] = 64,
+    tile_px: Annotated[int, typer.Option(help="Model tile size in pixels.")] = 1024,
+    overlap_px: Annotated[int, typer.Option(help="Overlap of neighbouring model tiles in pixels (blended).")] = 288,
+    margin_px: Annotated[Optional[int], typer.Option(help="Pixels at each inner tile edge left out of the blend (truncated CNN context), < overlap / 2 (default: (overlap - 64) / 2).")] = None,
     threshold: Annotated[float, typer.Option(help="PV probability threshold of a detection.")] = 0.5,
     gap_m: Annotated[float, typer.Option(help="Detections at most this many metres apart form one installation.")] = 5.0,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when present).")] = None,
     batch_size: Annotated[int, typer.Option(help="Model tiles per forward pass, across cells.")] = 4,
     tta: Annotated[bool, typer.Option("--tta", help="Average every tile over its 8 dihedral views (D4; 8× the compute).")] = False,
+    precision: Annotated[str, typer.Option(help="Network precision: auto (bf16 + channels_last on CUDA, fp32 on CPU), fp32, bf16 or fp16.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """PV probabilities, detections and installations over a region, cell by cell; a re-run finishes only what is
@@ -42,7 +44,8 @@ def infer_region(
             task = bar.add_task("cells", total=None)
             report = run_region(settings_of(ctx), checkpoint, out, tiles, aoi, plan_level, tile_px, overlap_px, threshold,
                                 progress=lambda done, total: bar.update(task, completed=done, total=total),
-                                device=device, gap_m=gap_m, batch_size=batch_size, tta=tta)
+                                device=device, gap_m=gap_m, batch_size=batch_size, tta=tta,
+                                precision=precision, margin_px=margin_px)
     except (ValueError, FileNotFoundError, ducklake.StoreError) as exc:
         fail(str(exc))
     if as_json:

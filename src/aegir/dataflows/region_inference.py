@@ -108,7 +108,7 @@ def _grown(start: int, stop: int, low: int, high: int, length: int) -> tuple[int
 
 def mosaic_grid(
     cell_polygon: shapely.Geometry, cell_tiles: list[TileRef], tile_index: list[TileRef], context_px: int = 128,
-    tile_px: int = 512,
+    tile_px: int = 1024,
 ) -> MosaicGrid:
     """The cell's window on the common grid: the cell's extent within its tiles plus ``context_px`` on every side
     where imagery exists, widened to at least one model tile (``tile_px``) where the imagery allows, so the model
@@ -168,7 +168,8 @@ def cell_mosaic(cell_chips: list[Chip], mosaic_grid: MosaicGrid) -> Chip:
 
 
 def cell_probabilities(
-    cell_mosaic: Chip, segmentation_model: Any, tile_px: int = 512, overlap_px: int = 64, batch_size: int = 1
+    cell_mosaic: Chip, segmentation_model: Any, tile_px: int = 1024, overlap_px: int = 288, batch_size: int = 1,
+    margin_px: int | None = None,
 ) -> np.ndarray:
     """(H, W) float32 PV probability over the window, blended from overlapping tiles (0 where no imagery).
 
@@ -177,7 +178,7 @@ def cell_probabilities(
     from aegir.training.predictor import blended_probabilities  # lazily: importing training imports torch
 
     return blended_probabilities(cell_mosaic.pixels, segmentation_model, tile_px, overlap_px, batch_size,
-                                 valid=cell_mosaic.valid)
+                                 valid=cell_mosaic.valid, margin_px=margin_px)
 
 
 def cell_probability_raster(cell_probabilities: np.ndarray, cell_mosaic: Chip, mosaic_grid: MosaicGrid) -> Chip:

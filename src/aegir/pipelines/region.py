@@ -39,7 +39,7 @@ from aegir.dataflows.installations import checked_gap_m
 from aegir.pipelines import build_driver, region_engine, run_stage
 from aegir.pipelines.plan import plan_grid
 from aegir.store import capacity_files, ducklake, region_files
-from aegir.training.predictor import D4_VIEWS
+from aegir.training.predictor import D4_VIEWS, checked_margin_px
 
 CELL_OUTPUTS = ("cell_probability_raster", "prediction_rows")
 TODO_STATUSES = ("pending", "running", "failed")
@@ -80,17 +80,19 @@ class RegionReport:
 
 
 class _CountingModel:
-    """The model's batch predictor (averaged over the dihedral test-time ``views``: (0,) is none), counting the
-    tiles predicted (each tile once, whatever the views)."""
+    """The model's image preparation and batch predictor (:func:`~aegir.training.predictor.image_predictor`,
+    averaged over the dihedral test-time ``views``: (0,) is none), counting the tiles predicted (each tile once,
+    whatever the views)."""
 
     def __init__(self, model: Any, views: tuple[int, ...] = (0,)) -> None:
-        from aegir.training.predictor import tta_predictor
+        from aegir.training.predictor import image_predictor, tta_predictor
 
-        self.predict_tiles, self.calls = tta_predictor(model, views), 0
+        self.standardized, predict_tiles = image_predictor(model)
+        self.predict_tiles, self.calls = tta_predictor(predict_tiles, views), 0
         self.data_version = getattr(model, "data_version", -1)
         self.dataset_uri = getattr(model, "dataset_uri", "")
 
-    def predict_batch(self, tiles):
+    def predict_standardized(self, tiles):
         self.calls += len(tiles)
         return self.predict_tiles(tiles)
 
@@ -118,10 +120,10 @@ def _region_aoi(aoi: str | Path | shapely.Geometry | None, tiles: list[region_fi
     return aoi if isinstance(aoi, shapely.Geometry) else region_files.read_aoi(aoi)
 
 
-def _load_model(checkpoint: str | Path, device: str | None) -> Any:
+def _load_model(checkpoint: str | Path, device: str | None, precision: str | None) -> Any:
     from aegir.training.litmodule import load_segmentation_model
 
-    return load_segmentation_model(str(checkpoint), device=device)
+    return load_segmentation_model(str(checkpoint), device=device, precision=precision)
 
 
 def _index_tiles(settings: Settings, tiles_dir: str | Path | None, aoi: Any
@@ -232,6 +234,7 @@ def _run_cells(con, settings: Settings, plan_id: str, todo: list[str], dag, inpu
     """Every ``todo`` cell through the engine (:mod:`aegir.pipelines.region_engine`): read ahead, batched
     across cells, blended; then detections + COG per cell and batched lakehouse writes."""
     drivers = threading.local()  # each reader thread its own Hamilton driver
+    model = inputs["segmentation_model"]
     tree = region_inference.tile_tree(inputs["tile_index"])  # once per region
 
     def read(token: str) -> region_engine.CellWork:
@@ -240,15 +243,16 @@ def _run_cells(con, settings: Settings, plan_id: str, todo: list[str], dag, inpu
         with _without_hamilton_banner():
             got = drivers.dag.execute(["cell_mosaic", "mosaic_grid"], inputs={**inputs, "cell_token": token},
                                    overrides={"tile_tree": tree})
-        return region_engine.CellWork(token, got, got["cell_mosaic"].pixels, got["cell_mosaic"].valid)
+        mosaic = got["cell_mosaic"]  # prepared here, in the reader thread (per_image models: the cell's statistics)
+        return region_engine.CellWork(token, got, model.standardized(mosaic.pixels, mosaic.valid), mosaic.valid)
 
     recorder = _CellRecorder(con, settings, plan_id, report, engine["commit_every"])
     reads = region_engine.read_ahead(_marked_running(con, settings, plan_id, todo, engine["read_ahead"] + 1), read,
                                      engine["read_workers"], engine["read_ahead"])
     try:
-        for cell in region_engine.blended_cells(reads, inputs["segmentation_model"].predict_batch,
+        for cell in region_engine.blended_cells(reads, model.predict_standardized,
                                                 inputs["tile_px"], inputs["overlap_px"], engine["batch_size"],
-                                                engine["read_ahead"] + 2):
+                                                engine["read_ahead"] + 2, inputs["margin_px"]):
             try:
                 if cell.error is not None:
                     raise cell.error
@@ -284,8 +288,8 @@ def infer_region(
     tiles_dir: str | Path | None = None,
     aoi: str | Path | shapely.Geometry | None = None,
     plan_level: int = 14,
-    tile_px: int = 512,
-    overlap_px: int = 64,
+    tile_px: int = 1024,
+    overlap_px: int = 288,
     pv_threshold: float = 0.5,
     context_px: int = 128,
     min_detection_px: int = 4,
@@ -299,6 +303,8 @@ def infer_region(
     read_ahead: int = 2,
     commit_every: int = 8,
     tta: bool = False,
+    precision: str | None = "auto",
+    margin_px: int | None = None,
 ) -> RegionReport:
     """PV probabilities and detections for the tiles of ``tiles_dir`` (all of them, or the S2 cells of level
     ``plan_level`` covering ``aoi``: a vector/WKT file, a bbox string or a shapely geometry, EPSG:4326).
@@ -308,11 +314,16 @@ def infer_region(
     find-more-like-this hook) are processed before every other cell. Detections at most ``gap_m`` metres apart
     form one installation. Engine (:mod:`aegir.pipelines.region_engine`): ``batch_size`` model tiles per forward
     pass across cells, ``read_workers`` threads reading up to ``read_ahead`` cells ahead, outcomes written every
-    ``commit_every`` cells; ``tta``: every tile averaged over its eight dihedral views (D4). Raises ValueError / FileNotFoundError for unusable inputs, :class:`NoImageryError`
-    when no tile overlaps the AOI.
+    ``commit_every`` cells; ``margin_px``: the px at each inner tile edge left out of the blend (a CNN's
+    truncated context; None: :func:`aegir.training.predictor.default_margin_px`); ``tta``: every tile averaged over its
+    eight dihedral views (D4); ``precision``: the
+    network's autocast precision (``auto``: bf16 + channels_last on CUDA, fp32 on the CPU; like ``device``, an
+    execution detail: not part of the plan id). Raises ValueError / FileNotFoundError for unusable inputs,
+    :class:`NoImageryError` when no tile overlaps the AOI.
     """
     started = time.perf_counter()
     checked_gap_m(gap_m)  # before any cell runs
+    margin_px = checked_margin_px(overlap_px, margin_px)
     capacity_params = capacity_files.read_capacity_params()
     tiles, tiles_skipped = _index_tiles(settings, tiles_dir, aoi)
     region = _region_aoi(aoi, tiles)
@@ -320,17 +331,18 @@ def infer_region(
         raise FileNotFoundError(f"{checkpoint}: no such checkpoint")
     plan_id = region_plan_id(tiles, region, plan_level, checkpoint,
                              (tile_px, overlap_px, pv_threshold, context_px, min_detection_px)
+                             + (("margin", margin_px) if margin_px else ())
                              + (("tta",) if tta else ()))
     plan = plan_grid(settings, plan_id, region, plan_level=plan_level, context_level=max(plan_level - 3, 0),
                      cell_boosts=cell_boosts)
     _check_imagery(settings, plan, plan_id, region, str(aoi), tiles, tiles_dir)
     out = Path(out_dir)
     report = RegionReport(plan_id, str(out), plan.num_rows, tiles_skipped=tiles_skipped, gap_m=float(gap_m))
-    counting = _CountingModel(model if model is not None else _load_model(checkpoint, device),
+    counting = _CountingModel(model if model is not None else _load_model(checkpoint, device, precision),
                               D4_VIEWS if tta else (0,))
     inputs = {"tile_index": tiles, "tile_reader": region_files.read_tile_window, "segmentation_model": counting,
               "model_checkpoint": str(Path(checkpoint).resolve()), "plan_id": plan_id, "tile_px": tile_px,
-              "overlap_px": overlap_px, "pv_threshold": pv_threshold, "context_px": context_px,
+              "overlap_px": overlap_px, "margin_px": margin_px, "pv_threshold": pv_threshold, "context_px": context_px,
               "min_detection_px": min_detection_px}
     dag = build_driver([region_inference])
     rows_now = plan.to_pylist()

@@ -105,7 +105,7 @@ class _Batcher:
 
 
 def blended_cells(cells: Iterable[CellWork], predict_tiles: PredictTiles, tile_px: int, overlap_px: int,
-                  batch_size: int, max_waiting: int) -> Iterator[CellWork]:
+                  batch_size: int, max_waiting: int, margin_px: int | None = None) -> Iterator[CellWork]:
     """Every cell with ``probabilities`` (or ``error``), in the order they finish; tiles of several cells share
     forward passes of ``batch_size``; at most ``max_waiting`` cells hold queued tiles at a time."""
     batcher = _Batcher(predict_tiles, batch_size)
@@ -123,7 +123,7 @@ def blended_cells(cells: Iterable[CellWork], predict_tiles: PredictTiles, tile_p
         if cell.error is not None:
             yield cell
             continue
-        cell.blend = TileBlend(cell.image.shape, tile_px, overlap_px, cell.valid)
+        cell.blend = TileBlend(cell.image.shape, tile_px, overlap_px, cell.valid, margin_px)
         batcher.put(cell)
         waiting.append(cell)
         for shape in batcher.full_shapes():
