@@ -361,3 +361,29 @@ def test_each_tile_is_decoded_once_and_tiles_of_several_cells_share_forward_pass
     assert len(report.processed) == report.cells >= 6 and not report.failed
     assert info.misses == 4 and info.hits >= report.cells  # 4 tiles decoded once; the other reads hit the cache
     assert sum(batches) == report.chips > report.cells and batches.count(4) >= len(batches) - 2  # full batches
+
+
+def test_named_tiles_decode_once_in_worker_processes(settings, tmp_path):
+    """``decode_workers``: the 2 × 2 Austin tiles are decoded in spawned processes, each once however many cells
+    and threads ask, to the same pixels; the region's detections are those of the in-thread reader."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from aegir.store.rasters import named_tile_chip
+
+    tiles_dir = _tiles_dir(tmp_path / "tiles")
+    tiles, _ = region_files.tile_index(tiles_dir)
+    with region_files.NamedTileDecoder(2) as decoder:
+        with ThreadPoolExecutor(4) as pool:
+            chips = list(pool.map(lambda t: decoder.read_tile_window(t, t.bounds, t.crs), tiles * 3))
+        assert decoder.submitted == len(tiles) == 4
+    assert {c.extras["decoded_by"] for c in chips}.isdisjoint({os.getpid()})
+    for tile, chip in zip(tiles * 3, chips):
+        assert np.array_equal(chip.pixels, named_tile_chip(tile.path).pixels)
+    threaded = infer_region(settings, _stub_checkpoint(tmp_path), tmp_path / "threads", tiles_dir, plan_level=16,
+                            model=DarkRoofs())
+    spawned = infer_region(make_settings(tmp_path / "lake2"), _stub_checkpoint(tmp_path), tmp_path / "processes",
+                           tiles_dir, plan_level=16, model=DarkRoofs(), decode_workers=2)
+    assert spawned.chips == threaded.chips and spawned.detections == threaded.detections > 0
+    first, second = (gpd.read_parquet(tmp_path / name / "detections.parquet") for name in ("threads", "processes"))
+    assert sorted(first.geometry.to_wkb()) == sorted(second.geometry.to_wkb())

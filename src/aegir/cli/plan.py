@@ -39,8 +39,8 @@ def plan(
     boundaries: Annotated[Optional[Path], typer.Option(help="Country polygons (vector file with a name / ISO code column) for a NAME AOI (default: Natural Earth 1:110m shipped in pyogrio).")] = None,
     chips_per_s: Annotated[Optional[float], typer.Option(help="Measured inference chips/s for the compute estimate.")] = None,
     bench_json: Annotated[Optional[Path], typer.Option(help="A JSON (lines) file with chips_per_s, e.g. `aegir infer region --json` or bench/inference.py output.")] = None,
-    chip_px: Annotated[int, typer.Option(help="Model chip side in pixels (estimate).")] = 512,
-    overlap_px: Annotated[int, typer.Option(help="Overlap of neighbouring chips in pixels (estimate).")] = 64,
+    chip_px: Annotated[int, typer.Option(help="Model chip side in pixels (estimate; `aegir infer region`'s --tile-px).")] = 1024,
+    overlap_px: Annotated[int, typer.Option(help="Overlap of neighbouring chips in pixels (estimate; --overlap-px).")] = 288,
     gsd_m: Annotated[Optional[float], typer.Option(help="Imagery GSD in m/px (estimate; default: median of the imagery catalog).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:

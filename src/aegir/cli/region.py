@@ -32,6 +32,7 @@ def infer_region(
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when present).")] = None,
     batch_size: Annotated[int, typer.Option(help="Model tiles per forward pass, across cells.")] = 4,
     tta: Annotated[bool, typer.Option("--tta", help="Average every tile over its 8 dihedral views (D4; 8× the compute).")] = False,
+    decode_workers: Annotated[int, typer.Option(help="Processes decoding named PNG/BMP tiles ahead of the model (0: in the reader thread; GeoTIFF/COG windows are always read there).")] = 0,
     precision: Annotated[str, typer.Option(help="Network precision: auto (bf16 + channels_last on CUDA, fp32 on CPU), fp32, bf16 or fp16.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
@@ -45,7 +46,8 @@ def infer_region(
             report = run_region(settings_of(ctx), checkpoint, out, tiles, aoi, plan_level, tile_px, overlap_px, threshold,
                                 progress=lambda done, total: bar.update(task, completed=done, total=total),
                                 device=device, gap_m=gap_m, batch_size=batch_size, tta=tta,
-                                precision=precision, margin_px=margin_px)
+                                precision=precision, margin_px=margin_px,
+                                decode_workers=decode_workers)
     except (ValueError, FileNotFoundError, ducklake.StoreError) as exc:
         fail(str(exc))
     if as_json:

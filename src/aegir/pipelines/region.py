@@ -97,6 +97,18 @@ class _CountingModel:
         return self.predict_tiles(tiles)
 
 
+@contextlib.contextmanager
+def _tile_reader(inputs: dict, tiles: list[region_files.TileRef], decode_workers: int) -> Iterator[None]:
+    """``inputs["tile_reader"]`` from a :class:`~aegir.store.region_files.NamedTileDecoder` of ``decode_workers``
+    processes while the block runs, when > 0 and any tile is a named PNG/BMP tile; else unchanged."""
+    if decode_workers <= 0 or not any(t.named for t in tiles):
+        yield
+        return
+    with region_files.NamedTileDecoder(decode_workers) as decoder:
+        inputs["tile_reader"] = decoder.read_tile_window
+        yield
+
+
 def region_plan_id(tiles: list[region_files.TileRef], aoi: shapely.Geometry, plan_level: int,
                    checkpoint: str | Path, settings_key: tuple) -> str:
     """``region_l<level>_<hash>``: a digest of the tile files' paths, the AOI, the checkpoint (path, size, mtime)
@@ -300,6 +312,7 @@ def infer_region(
     gap_m: float = 5.0,
     batch_size: int = 4,
     read_workers: int = 1,
+    decode_workers: int = 0,
     read_ahead: int = 2,
     commit_every: int = 8,
     tta: bool = False,
@@ -313,7 +326,8 @@ def infer_region(
     still the provenance). ``cell_boosts`` (S2 token at ``plan_level`` → boost > 0, the
     find-more-like-this hook) are processed before every other cell. Detections at most ``gap_m`` metres apart
     form one installation. Engine (:mod:`aegir.pipelines.region_engine`): ``batch_size`` model tiles per forward
-    pass across cells, ``read_workers`` threads reading up to ``read_ahead`` cells ahead, outcomes written every
+    pass across cells, ``read_workers`` threads reading up to ``read_ahead`` cells ahead (named PNG/BMP tiles
+    decoded in ``decode_workers`` spawned processes when > 0), outcomes written every
     ``commit_every`` cells; ``margin_px``: the px at each inner tile edge left out of the blend (a CNN's
     truncated context; None: :func:`aegir.training.predictor.default_margin_px`); ``tta``: every tile averaged over its
     eight dihedral views (D4); ``precision``: the
@@ -362,7 +376,8 @@ def infer_region(
     try:
         if progress and finished[0]:
             progress(finished[0], plan.num_rows)
-        _run_cells(con, settings, plan_id, todo, dag, inputs, out, report, engine, on_cell)
+        with _tile_reader(inputs, tiles, decode_workers if todo else 0):
+            _run_cells(con, settings, plan_id, todo, dag, inputs, out, report, engine, on_cell)
         rows = ducklake.read_predictions(con, settings, plan_id)
         parquet, gpkg = region_files.write_detections(rows, out)  # first: an installations failure keeps them
         report.detections, report.detections_parquet, report.detections_gpkg = rows.num_rows, str(parquet), str(gpkg)

@@ -155,6 +155,64 @@ def decoded_named_tile(path: str, mtime_ns: int) -> Chip:
     return named_tile_chip(path)
 
 
+def _decode_named_tile(path: str) -> Chip:
+    """A whole named tile decoded in a worker process (the pid that decoded it in ``extras["decoded_by"]``)."""
+    from aegir.store.rasters import named_tile_chip
+
+    chip = named_tile_chip(path)
+    chip.extras["decoded_by"] = os.getpid()
+    return chip
+
+
+class NamedTileDecoder:
+    """Named PNG/BMP tiles decoded in ``workers`` spawned processes, each tile once per run: a tile's decode is
+    submitted the first time a cell asks for it (the engine's reader threads ask ``read_ahead`` cells before the
+    model needs them, so the decodes overlap the model) and its result kept for the last ``NAMED_TILE_CACHE``
+    tiles. :meth:`read_tile_window` is a drop-in ``tile_reader``; GeoTIFF / COG windows are read in the calling
+    thread (GDAL releases the GIL and its block cache is shared there). Use as a context manager."""
+
+    def __init__(self, workers: int) -> None:
+        import collections
+        import multiprocessing
+        import threading
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        self.futures: collections.OrderedDict = collections.OrderedDict()
+        self.submitted = 0
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> NamedTileDecoder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _future(self, path: str, mtime_ns: int):
+        with self._lock:
+            key = (path, mtime_ns)
+            if key not in self.futures:
+                self.futures[key] = self.pool.submit(_decode_named_tile, path)
+                self.submitted += 1
+                while len(self.futures) > NAMED_TILE_CACHE:
+                    self.futures.popitem(last=False)
+            self.futures.move_to_end(key)
+            return self.futures[key]
+
+    def read_tile_window(self, tile: TileRef, bounds: tuple[float, float, float, float], crs: CRS) -> Chip:
+        """:func:`read_tile_window`, with named tiles from the worker processes."""
+        if not tile.named:
+            return read_tile_window(tile, bounds, crs)
+        return _checked_named_tile(tile, self._future(tile.path, os.stat(tile.path).st_mtime_ns).result())
+
+
+def _checked_named_tile(tile: TileRef, chip: Chip) -> Chip:
+    """``chip`` (a decoded named tile); ValueError naming the file when its size differs from the indexed grid."""
+    if (chip.width, chip.height) != (tile.width, tile.height):
+        raise ValueError(f"{tile.path}: tile is {chip.width}x{chip.height} px, indexed as {tile.width}x{tile.height}")
+    return chip
+
+
 def read_tile_window(tile: TileRef, bounds: tuple[float, float, float, float], crs: CRS) -> Chip:
     """The part of ``tile`` inside ``bounds`` ((left, bottom, right, top) in ``crs``) as a Chip on the tile's grid.
 
@@ -165,10 +223,7 @@ def read_tile_window(tile: TileRef, bounds: tuple[float, float, float, float], c
 
     if not tile.named:
         return geotiff_chip(_gdal_path(tile.path), RasterWindow(crs, bounds=_clip_bounds(tile, bounds, crs)))
-    chip = decoded_named_tile(tile.path, os.stat(tile.path).st_mtime_ns)
-    if (chip.width, chip.height) != (tile.width, tile.height):
-        raise ValueError(f"{tile.path}: tile is {chip.width}x{chip.height} px, indexed as {tile.width}x{tile.height}")
-    return chip
+    return _checked_named_tile(tile, decoded_named_tile(tile.path, os.stat(tile.path).st_mtime_ns))
 
 
 def _bbox_geometry(text: str) -> shapely.Geometry | None:
