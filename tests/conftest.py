@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from aegir.config import Settings
+import aegir.compat.torchvision_nms  # noqa: F401  (before any torchvision import; also in xdist's controller,
+from aegir.config import Settings  # which imports the modules named by the warnings its workers send)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 LABELS = SHARED_DATA / "labels"

@@ -325,15 +325,19 @@ def infer_region(
     ``progress(done, total)`` is called per cell. ``model`` overrides loading ``checkpoint`` (the checkpoint is
     still the provenance). ``cell_boosts`` (S2 token at ``plan_level`` → boost > 0, the
     find-more-like-this hook) are processed before every other cell. Detections at most ``gap_m`` metres apart
-    form one installation. Engine (:mod:`aegir.pipelines.region_engine`): ``batch_size`` model tiles per forward
-    pass across cells, ``read_workers`` threads reading up to ``read_ahead`` cells ahead (named PNG/BMP tiles
-    decoded in ``decode_workers`` spawned processes when > 0), outcomes written every
-    ``commit_every`` cells; ``margin_px``: the px at each inner tile edge left out of the blend (a CNN's
-    truncated context; None: :func:`aegir.training.predictor.default_margin_px`); ``tta``: every tile averaged over its
-    eight dihedral views (D4); ``precision``: the
-    network's autocast precision (``auto``: bf16 + channels_last on CUDA, fp32 on the CPU; like ``device``, an
-    execution detail: not part of the plan id). Raises ValueError / FileNotFoundError for unusable inputs,
-    :class:`NoImageryError` when no tile overlaps the AOI.
+    form one installation.
+
+    Engine (:mod:`aegir.pipelines.region_engine`): ``batch_size`` model tiles per forward pass across cells,
+    ``read_workers`` threads reading up to ``read_ahead`` cells ahead (named PNG/BMP tiles decoded in
+    ``decode_workers`` spawned processes when > 0), outcomes written every ``commit_every`` cells. Tiling:
+    ``tile_px`` tiles overlapping by ``overlap_px``, the outer ``margin_px`` of each inner tile edge left out of
+    the blend (a CNN's truncated context; None: :func:`aegir.training.predictor.default_margin_px`); ``tta``:
+    every tile averaged over its eight dihedral views (D4); ``precision``: the network's autocast precision
+    (``auto``: bf16 + channels_last on CUDA, fp32 on the CPU; like ``device``, an execution detail, not part of
+    the plan id).
+
+    Raises ValueError / FileNotFoundError for unusable inputs, :class:`NoImageryError` when no tile overlaps the
+    AOI.
     """
     started = time.perf_counter()
     checked_gap_m(gap_m)  # before any cell runs
