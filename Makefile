@@ -51,7 +51,7 @@ browser:
 # lint-imports checks the layer contracts of pyproject.toml ([tool.importlinter]) before the suite runs.
 test: install browser
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q
 
 bench: install
 	$(BIN)/python bench/ingest.py

@@ -99,7 +99,8 @@ class _RecordingModel:
 def _unet(args: argparse.Namespace):
     """The shipped architecture (U-Net, ResNet-18 encoder, 3 bands) with random weights: the compute of a trained
     model, without needing one."""
-    from aegir.training.litmodule import SegmentationModel, SegmentationNet
+    from aegir.training.inference_model import SegmentationModel
+    from aegir.training.litmodule import SegmentationNet
 
     net = SegmentationNet("unet", "resnet18", [120.0] * 3, [50.0] * 3)
     payload = {"config": {"arch": "unet", "encoder": "resnet18"}, "data_version": -1,
@@ -128,7 +129,7 @@ def child(args: argparse.Namespace) -> None:
     work = Path(args.work)
     tiles = _link_block(work / "tiles", args.side)
     if args.checkpoint:
-        from aegir.training.litmodule import load_segmentation_model
+        from aegir.training.inference_model import load_segmentation_model
 
         checkpoint, model = Path(args.checkpoint), load_segmentation_model(args.checkpoint, device="cpu")
     else:

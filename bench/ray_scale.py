@@ -27,7 +27,8 @@ from aegir.pipelines.dataset import build_dataset_from_images
 from aegir.store import lance_io
 from aegir.store.chip_codec import decode_chip
 from aegir.training.config import TrainConfig
-from aegir.training.litmodule import SegmentationLitModule, checkpoint_payload, load_segmentation_model
+from aegir.training.inference_model import load_segmentation_model
+from aegir.training.litmodule import SegmentationLitModule, checkpoint_payload
 
 JIANG = Path(__file__).resolve().parents[2] / "shared" / "data" / "vhr" / "jiang_pv01"
 

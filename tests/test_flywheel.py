@@ -235,7 +235,7 @@ def test_a_trained_unet_blends_tiles_like_whole_image_inference(flywheel_run):
     and per-tile normalisation are far off."""
     import numpy as np
 
-    from aegir.training.litmodule import load_segmentation_model
+    from aegir.training.inference_model import load_segmentation_model
     from aegir.training.predictor import blended_probabilities
 
     model = load_segmentation_model(str(flywheel_run["out"] / "round_0" / "train" / "best.ckpt"), device="cpu")

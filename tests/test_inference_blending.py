@@ -123,7 +123,8 @@ def test_segmentation_model_predicts_through_the_tiled_predictor(austin_image):
     """``SegmentationModel.predict_proba``: one network pass up to its tile size, the blended tiles beyond."""
     import aegir.training  # noqa: F401  (torchvision shim before smp)
     from aegir.training.config import TrainConfig
-    from aegir.training.litmodule import SegmentationLitModule, SegmentationModel, checkpoint_payload
+    from aegir.training.inference_model import SegmentationModel
+    from aegir.training.litmodule import SegmentationLitModule, checkpoint_payload
 
     torch.manual_seed(0)
     module = SegmentationLitModule(TrainConfig(encoder="resnet18"), {"mean": [110.0] * 3, "std": [50.0] * 3})
@@ -176,7 +177,8 @@ def _per_image_model(net: torch.nn.Module, **options):
     """A :class:`SegmentationModel` with per-image normalisation whose network is ``net`` (logits)."""
     import aegir.training  # noqa: F401  (torchvision shim before smp)
     from aegir.training.config import TrainConfig
-    from aegir.training.litmodule import SegmentationLitModule, SegmentationModel, checkpoint_payload
+    from aegir.training.inference_model import SegmentationModel
+    from aegir.training.litmodule import SegmentationLitModule, checkpoint_payload
 
     module = SegmentationLitModule(TrainConfig(encoder="resnet18", normalization="per_image"),
                                    {"mean": [110.0] * 3, "std": [50.0] * 3})
@@ -205,7 +207,7 @@ def test_per_image_models_are_tiled_with_the_image_statistics(austin_image):
 def test_autocast_precision_and_channels_last_on_cpu(austin_image):
     """bf16 autocast and NHWC weights give the fp32 probabilities (bf16 within its precision); an unknown
     precision is a clear error."""
-    from aegir.training.litmodule import inference_precision
+    from aegir.training.inference_model import inference_precision
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(*list(_conv_model())[:-1])

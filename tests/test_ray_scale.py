@@ -139,7 +139,7 @@ def _predict(model, source: dict) -> np.ndarray:
 def test_ray_predictions_equal_single_process_predict_proba(builds, checkpoint):
     import torch
 
-    from aegir.training.litmodule import load_segmentation_model
+    from aegir.training.inference_model import load_segmentation_model
 
     settings, _, on_ray, _ = builds
     stems = sorted(row["metadata"]["sample_id"] for row in _by_uuid(settings, on_ray).values())[:6]

@@ -39,6 +39,9 @@ NAME_ROUNDING_DEG = 2e-6  # tiles are placed on the common grid to the nearest p
 runner = CliRunner()
 
 
+SMALL_TILES = {"tile_px": 512, "overlap_px": 64}  # several model tiles per cell on the 2 × 2 block: batching / interrupts
+
+
 def _tiles_dir(dest: Path, rows: int = 2, cols: int = 2) -> Path:
     """A folder of links to a ``rows`` × ``cols`` block of neighbouring Austin tiles (names are lat_lon.png)."""
     return link_tile_block(AUSTIN, dest, rows, cols)
@@ -267,13 +270,13 @@ def test_an_interrupted_run_leaves_its_cells_running_and_a_rerun_finishes_only_t
         model.armed = True  # after the first cell
 
     with pytest.raises(KeyboardInterrupt):
-        infer_region(settings, checkpoint, out, tiles_dir, plan_level=15, model=model, progress=arm)
+        infer_region(settings, checkpoint, out, tiles_dir, plan_level=15, model=model, progress=arm, **SMALL_TILES)
     plan_id = _only_plan(settings)
     status = _plan_status(settings, plan_id)
     running = [t for t, (s, _) in status.items() if s == "running"]
     done = [t for t, (s, _) in status.items() if s == "done"]
     assert running and done  # the finished cells recorded (a batch may finish more than one), the started ones running
-    again = infer_region(settings, checkpoint, out, tiles_dir, plan_level=15, model=DarkRoofs())
+    again = infer_region(settings, checkpoint, out, tiles_dir, plan_level=15, model=DarkRoofs(), **SMALL_TILES)
     assert again.plan_id == plan_id and again.resumed == running and again.skipped_done == done
     assert sorted(again.processed + done) == sorted(t for t, (s, _) in _plan_status(settings, plan_id).items()
                                                     if s == "done")
@@ -356,7 +359,7 @@ def test_each_tile_is_decoded_once_and_tiles_of_several_cells_share_forward_pass
 
     region_files.decoded_named_tile.cache_clear()
     report = infer_region(settings, _stub_checkpoint(tmp_path), tmp_path / "out", tiles_dir, plan_level=16,
-                          model=Recording(), batch_size=4)
+                          model=Recording(), batch_size=4, **SMALL_TILES)
     info = region_files.decoded_named_tile.cache_info()
     assert len(report.processed) == report.cells >= 6 and not report.failed
     assert info.misses == 4 and info.hits >= report.cells  # 4 tiles decoded once; the other reads hit the cache

@@ -135,11 +135,16 @@ def cog_url(austin_sources, tmp_path):
         server.wait()
 
 
+# 512-px model tiles: cell windows stay close to the cell (a window grows to one model tile where imagery allows),
+# so the sources compare like for like; the shipped 1024-px tiling is tested in test_flywheel / test_region_inference
+SMALL_TILES = {"tile_px": 512, "overlap_px": 64}
+
+
 def _run(tmp_path: Path, name: str, source) -> tuple[gpd.GeoDataFrame, gpd.GeoDataFrame, shapely.Geometry]:
     """Region inference (DarkRoofs stub, level-16 cells) on ``source``: detections, installations, footprint."""
     settings = make_settings(tmp_path / name)
     report = infer_region(settings, _stub_checkpoint(tmp_path), tmp_path / name / "out", source, plan_level=16,
-                          model=DarkRoofs())
+                          model=DarkRoofs(), **SMALL_TILES)
     assert not report.failed, report.failed
     tiles, _ = region_files.tile_index(source)
     footprint = shapely.union_all([t.footprint for t in tiles])

@@ -2,7 +2,7 @@
 
 Inputs: ``chip_batch`` (Arrow table with ``uuid``, ``vhr_image_chip`` and ``metadata`` of ``training_data``),
 ``predict_proba`` (a (C, H, W) chip → (H, W) float32 PV probability in [0, 1], e.g.
-:meth:`aegir.training.litmodule.SegmentationModel.predict_proba`), ``pv_threshold`` and ``prediction_context``
+:meth:`aegir.training.inference_model.SegmentationModel.predict_proba`), ``pv_threshold`` and ``prediction_context``
 (``checkpoint``, ``model_data_version``, ``source_uri``, ``source_version``, ``predicted_at``: the same for every row
 of one run). Output ``prediction_rows`` in :data:`aegir.store.lance_fragments.PREDICTIONS_SCHEMA`: per chip the
 mask (uint8 0/1), the probability quantised to uint8 (round(p × 255)), both raw C-order (H, W), and the PV fraction.

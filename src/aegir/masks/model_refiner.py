@@ -5,7 +5,7 @@ with a trained model's own tiling: one pass up to 1024 px, blended batched tiles
 pixels inside the prompt with probability ≥ ``threshold`` (box gating), refined like the offline backend's.
 ``confidence`` is the mean probability inside the mask (how sure the model is of what it kept); ``stability`` the
 IoU of the masks at ``threshold`` ± 0.1. The model comes from a checkpoint through
-:func:`~aegir.training.litmodule.load_segmentation_model`, or is any object with ``predict_batch(tiles (B, C, h, w))
+:func:`~aegir.training.inference_model.load_segmentation_model`, or is any object with ``predict_batch(tiles (B, C, h, w))
 → (B, h, w)`` or ``predict_proba(image (C, H, W) uint8) → (H, W) float32``. Training is imported lazily (it imports
 torch).
 """
@@ -73,10 +73,10 @@ def model_backend(checkpoint: str | None = None, model: Any = None, **options: A
             raise MaskBackendError("model backend needs --checkpoint PATH (a segmentation checkpoint from "
                                    "`aegir train`)")
         try:
-            from aegir.training.litmodule import load_segmentation_model
+            from aegir.training.inference_model import load_segmentation_model
         except ImportError as exc:
             raise MaskBackendError(
-                "model backend needs aegir.training.litmodule.load_segmentation_model (the training stage), "
+                "model backend needs aegir.training.inference_model.load_segmentation_model (the training stage), "
                 f"which is not available here: {exc}") from exc
         model = load_segmentation_model(checkpoint)
     return ModelRefinerBackend(model, checkpoint, **options)

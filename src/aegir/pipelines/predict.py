@@ -27,8 +27,8 @@ from aegir.utils.types import Chip
 
 
 def load_rgb_model(checkpoint: str | Path, device: str | None = None):
-    """A :class:`~aegir.training.litmodule.SegmentationModel` that takes RGB chips (clear error otherwise)."""
-    from aegir.training.litmodule import load_segmentation_model
+    """A :class:`~aegir.training.inference_model.SegmentationModel` that takes RGB chips (clear error otherwise)."""
+    from aegir.training.inference_model import load_segmentation_model
 
     model = load_segmentation_model(str(checkpoint), device)
     if model.config.get("inputs", "vhr") != "vhr" or model.in_channels != 3:

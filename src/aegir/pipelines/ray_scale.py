@@ -175,7 +175,7 @@ class ChipPredictor:
     def __init__(self, checkpoint: str, out_dataset_uri: str, pv_threshold: float, context: dict[str, Any],
                  device: str | None = None) -> None:
         import aegir.training  # noqa: F401  (torchvision shim before timm / smp import torchvision)
-        from aegir.training.litmodule import load_segmentation_model
+        from aegir.training.inference_model import load_segmentation_model
 
         self.model = load_segmentation_model(checkpoint, device)
         self.dag = build_driver([chip_predictions])

@@ -133,7 +133,7 @@ def _region_aoi(aoi: str | Path | shapely.Geometry | None, tiles: list[region_fi
 
 
 def _load_model(checkpoint: str | Path, device: str | None, precision: str | None) -> Any:
-    from aegir.training.litmodule import load_segmentation_model
+    from aegir.training.inference_model import load_segmentation_model
 
     return load_segmentation_model(str(checkpoint), device=device, precision=precision)
 

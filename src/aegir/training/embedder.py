@@ -59,7 +59,7 @@ def _device(device: str | None) -> torch.device:
 
 def encoder_from_checkpoint(checkpoint: str | Path, device: str | None = None) -> ChipEncoder:
     """The encoder of a trained ``aegir train`` checkpoint (``best.ckpt``), with its own band normalisation."""
-    from aegir.training.litmodule import load_segmentation_model
+    from aegir.training.inference_model import load_segmentation_model
 
     dev = _device(device)
     model = load_segmentation_model(str(checkpoint), device=str(dev))
