@@ -4,9 +4,9 @@ batches and blended without seams.
 An image is cut into tiles of ``tile_px``² pixels (an image smaller than ``tile_px`` along an axis is one tile
 of its own length there: the model pads as it needs) that overlap by at least ``overlap_px``; tiles go to the
 model ``batch_size`` at a time. Each tile's probabilities are weighted by a separable window that is 1 in the
-tile's core and falls smoothly (raised cosine) to ~0 over ``overlap_px`` at its edges, accumulated and divided by
-the summed weights. Pixels near a tile edge, where a CNN sees truncated context, therefore count little wherever
-a neighbouring tile sees them in its core, so tile borders leave no seams. Tile sides on the image border keep
+tile's core, rises smoothly (raised cosine) across the overlap and is ~0 within ``margin_px`` of its edges; the
+weighted sum is divided by the summed weights. Pixels near a tile edge, where a CNN sees truncated context,
+therefore do not count wherever a neighbouring tile sees them in its core, so tile borders leave no seams. Tile sides on the image border keep
 full weight (no other tile takes over there); an image that fits in one tile is predicted in one whole pass.
 
 Shapes: ``image`` (C, H, W) (uint8 RGB or float MSI, raw as the model takes it); probabilities (H, W) float32 in
@@ -147,7 +147,7 @@ class TileBlend:
 
     ``image_shape``: (C, H, W) or (H, W); ``valid`` ((H, W) bool, optional): tiles without a valid pixel are not
     listed and pixels outside ``valid`` end at probability 0; ``margin_px``: the px at each interior tile edge
-    that count ~0 (see :func:`_axis_weights`; ``overlap_px - 2 * margin_px`` must stay >= 1; None: 
+    that count ~0 (see :func:`_axis_weights`; ``overlap_px - 2 * margin_px`` must stay >= 1; None:
     :func:`default_margin_px`)."""
 
     def __init__(self, image_shape: tuple[int, ...], tile_px: int, overlap_px: int,
