@@ -19,15 +19,14 @@ from aegir.training.predictor import (
 )
 
 
-
 class SegmentationModel:
     """A trained network for the other stages: ``predict_proba((C, H, W) image) -> (H, W) float32`` in [0, 1] and
     ``predict_batch((B, C, h, w) tiles) -> (B, h, w)``.
 
     Images larger than ``tile`` px are predicted in overlapping tiles (``overlap`` px, the outer ``margin`` px of
-    each tile left out of the blend, ``batch_size`` tiles per network pass) blended by :func:`aegir.training.predictor.blended_probabilities`; smaller ones in one pass.
-    Inputs are padded to the network's stride internally (reflect). ``config`` (dict), ``data_version``,
-    ``band_stats``, ``metrics``.
+    each tile left out of the blend, ``batch_size`` tiles per network pass) blended by
+    :func:`aegir.training.predictor.blended_probabilities`; smaller ones in one pass. Inputs are padded to the
+    network's stride internally (reflect). ``config`` (dict), ``data_version``, ``band_stats``, ``metrics``.
 
     Speed on accelerators: ``precision`` ``"bf16"`` / ``"fp16"`` runs the network under ``torch.autocast`` (the
     probabilities come back float32), ``"fp32"`` without; ``channels_last`` stores weights and inputs NHWC (what
@@ -37,7 +36,8 @@ class SegmentationModel:
 
     def __init__(self, payload: dict[str, Any], device: str | torch.device = "cpu", tile: int = DEFAULT_TILE_PX,
                  overlap: int = DEFAULT_OVERLAP_PX, batch_size: int = DEFAULT_BATCH_SIZE,
-                 margin: int | None = None, precision: str | None = "auto", channels_last: bool | None = None) -> None:
+                 margin: int | None = None, precision: str | None = "auto",
+                 channels_last: bool | None = None) -> None:
         self.config: dict[str, Any] = payload["config"]
         self.data_version: int = int(payload["data_version"])
         self.dataset_uri: str = payload.get("dataset_uri", "")
