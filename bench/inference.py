@@ -21,13 +21,14 @@ without.
 Measured (idle 2-core machine, U-Net with random weights, 1 torch thread, 1024² chips, overlap 288, level-16
 cells): peak RSS 1862 / 1747 / 3005 MB at 1× / 4× / 16× (1.61×) and 3243 MB at 25× (16× → 25×: 1.08×). The rise
 is the chip size: the one-tile 1× region (640²) holds only 640² chips, and one forward pass of four 1024² chips
-peaks at ~2.6 GB alone; ``--tile-px 512 --overlap-px 64`` compares regions with equal chips; efficiency 0.93 at 16 tiles (30 chips: region
-0.337 ÷ bare 0.363 chips/s) but 0.68 at 4 tiles (9 chips: the run's fixed costs and the 2,453 detections of a
-random network weigh on 9 chips); TTA 0.05 vs 0.32 chips/s at 4 tiles (6.0× the time per chip).
+peaks at ~2.6 GB alone; ``--tile-px 512 --overlap-px 64`` compares regions with equal chips. Efficiency 0.93 at
+16 tiles (30 chips: region 0.337 ÷ bare 0.363 chips/s) but 0.68 at 4 tiles (9 chips: the run's fixed costs and the
+2,453 detections of a random network weigh on 9 chips). TTA 0.05 vs 0.32 chips/s at 4 tiles (6.0× the time per
+chip).
 
 Run: ``python bench/inference.py [--sizes 1,4,16] [--checkpoint CKPT | --model unet|conv] [--plan-level 16]
-[--tile-px 1024] [--overlap-px 288] [--batch-size 4] [--threads 1] [--efficiency-size 4]``. Prints one row per
-size, the ratios to 1×, the efficiency and the TTA cost, measured in one run.
+[--tile-px 1024] [--overlap-px 288] [--batch-size 4] [--threads 1] [--efficiency-size 16] [--tta-size 4]``.
+Prints one row per size, the ratios to 1×, the efficiency and the TTA cost, measured in one run.
 """
 
 from __future__ import annotations

@@ -47,7 +47,6 @@ INSTALLATION_SCHEMA = pa.schema([
 _M_PER_DEG_LAT_MIN = 110_574.0  # metres per degree of latitude at the equator (its minimum)
 _M_PER_DEG_LON_EQUATOR = 111_319.0  # metres per degree of longitude at the equator (× cos(lat) elsewhere, ≤)
 _SLACK_M = 1e-6  # numerical slack of the metric distance check (m)
-_POLYGON = 3  # shapely.get_type_id of a Polygon
 _LARGE_POLYGON_VERTICES = 1_000
 
 
@@ -201,7 +200,7 @@ def member_overlaps(member_valid_geometry: np.ndarray) -> np.ndarray:
     larger, smaller = larger[meet], smaller[meet]
     relations = shapely.relate(member_valid_geometry[larger], member_valid_geometry[smaller])
     merge = np.array([r[0] != "F" or r[4] == "1" for r in relations], dtype=bool)  # DE-9IM: II, BB
-    return np.stack([larger[merge], smaller[merge]]).reshape(2, -1)
+    return np.stack([larger[merge], smaller[merge]])
 
 
 def _dissolve(geometry: np.ndarray) -> shapely.Geometry:
@@ -223,7 +222,7 @@ def installation_geometry(member_valid_geometry: np.ndarray, installation_labels
     unions = []
     for rows in _members(installation_labels):
         parts = shapely.get_parts(shapely.get_parts(piece_geometry[np.unique(pieces[rows])]))  # collections too
-        polygons = parts[(shapely.get_type_id(parts) == _POLYGON) & ~shapely.is_empty(parts)]
+        polygons = parts[(shapely.get_type_id(parts) == shapely.GeometryType.POLYGON) & ~shapely.is_empty(parts)]
         unions.append(polygons[0] if len(polygons) == 1 else shapely.MultiPolygon(list(polygons)))
     return np.array(unions, dtype=object)
 

@@ -5,9 +5,9 @@ with a trained model's own tiling: one pass up to 1024 px, blended batched tiles
 pixels inside the prompt with probability ≥ ``threshold`` (box gating), refined like the offline backend's.
 ``confidence`` is the mean probability inside the mask (how sure the model is of what it kept); ``stability`` the
 IoU of the masks at ``threshold`` ± 0.1. The model comes from a checkpoint through
-:func:`~aegir.training.inference_model.load_segmentation_model`, or is any object with ``predict_batch(tiles (B, C, h, w))
-→ (B, h, w)`` or ``predict_proba(image (C, H, W) uint8) → (H, W) float32``. Training is imported lazily (it imports
-torch).
+:func:`~aegir.training.inference_model.load_segmentation_model`, or is any object with
+``predict_batch(tiles (B, C, h, w)) → (B, h, w)`` or ``predict_proba(image (C, H, W) uint8) → (H, W) float32``.
+Training is imported lazily (it imports torch).
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ def geodesic_area_m2(geometry_lonlat: np.ndarray) -> np.ndarray:
 
     geometry = np.asarray(geometry_lonlat, dtype=object)
     parts, owner = shapely.get_parts(shapely.orient_polygons(geometry), return_index=True)
-    polygons = shapely.get_type_id(parts) == 3
+    polygons = shapely.get_type_id(parts) == shapely.GeometryType.POLYGON
     rings, ring_part = shapely.get_rings(parts[polygons], return_index=True)
     coords, ring_of = shapely.get_coordinates(rings, return_index=True)
     starts = np.searchsorted(ring_of, np.arange(len(rings) + 1))
