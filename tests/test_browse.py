@@ -264,6 +264,77 @@ def test_cli_prints_the_url_and_stops_on_ctrl_c(jiang_table):
     assert "stopped" in out
 
 
+def test_cli_refuses_a_remote_host_without_allow_remote(jiang_table):
+    _, uri, _ = jiang_table
+    done = subprocess.run([sys.executable, "-m", "aegir", "browse", "--uri", uri, "--host", "0.0.0.0", "--port", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "--allow-remote" in done.stdout + done.stderr, (done.stdout, done.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------- access
+
+
+def _request(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict, dict]:
+    """(status, headers, JSON or {}) of GET ``url`` with ``headers``."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=60) as response:
+            status, head, body = response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        status, head, body = exc.code, dict(exc.headers), exc.read()
+    return status, head, json.loads(body) if head.get("Content-Type", "").startswith("application/json") else {}
+
+
+def test_a_remote_address_needs_allow_remote_and_every_request_the_token(jiang_table, monkeypatch):
+    """0.0.0.0 is refused without ``allow_remote``; with it, requests without the token answer 401 and carry no
+    data, the token works as bearer header, as ``?token=`` (which sets the page's cookie) and as that cookie."""
+    from aegir.browse.server import TOKEN_COOKIE, TOKEN_ENV
+
+    settings, uri, _ = jiang_table
+    with pytest.raises(ValueError, match="--allow-remote"):
+        make_server(uri, settings.lancedb_root, "0.0.0.0", 0)
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    generated = make_server(uri, settings.lancedb_root, "0.0.0.0", 0, allow_remote=True)
+    generated.server_close()
+    assert len(generated.token) >= 32 and generated.url.endswith(f"?token={generated.token}")
+    monkeypatch.setenv(TOKEN_ENV, "from-the-environment-7f3a")
+    server = make_server(uri, settings.lancedb_root, "0.0.0.0", 0, allow_remote=True)
+    assert server.token == "from-the-environment-7f3a"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        for url, headers in ((f"{base}/api/facets", {}), (f"{base}/api/facets?token=wrong", {}),
+                             (f"{base}/api/facets", {"Authorization": "Bearer wrong"}),
+                             (f"{base}/api/facets", {"Cookie": f"{TOKEN_COOKIE}=wrong"}), (f"{base}/", {})):
+            status, _, body = _request(url, headers)
+            assert status == 401 and "rows" not in body, (url, headers, body)
+        status, _, facets = _request(f"{base}/api/facets", {"Authorization": "Bearer from-the-environment-7f3a"})
+        assert status == 200 and facets["rows"] == 60
+        status, head, _ = _request(f"{base}/?token=from-the-environment-7f3a")
+        assert status == 200 and head["Set-Cookie"].startswith(f"{TOKEN_COOKIE}=from-the-environment-7f3a;")
+        assert "HttpOnly" in head["Set-Cookie"] and "SameSite=Strict" in head["Set-Cookie"]
+        status, _, page = _request(f"{base}/api/chips?limit=5", {"Cookie": head["Set-Cookie"].split(";")[0]})
+        assert status == 200 and len(page["chips"]) == 5
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_store_failure_answers_500_with_an_id_not_the_exception_text(jiang_table, tmp_path, capsys):
+    """The table vanishes under a running server: the 500 names an id; the log holds the id and the reason."""
+    settings, uri, _ = jiang_table
+    root = tmp_path / "lancedb"
+    shutil.copytree(f"{uri}.lance", root / "training_data.lance")
+    with running(str(root), str(root / "training_data")) as base:
+        assert get_json(base, "/api/facets")[1]["rows"] == 60
+        shutil.rmtree(root / "training_data.lance")
+        status, body = get_json(base, "/api/facets")
+    assert status == 500 and body["id"] and set(body) == {"error", "id", "status"}
+    assert str(tmp_path) not in body["error"] and "Error" not in body["error"], body
+    log = capsys.readouterr().err
+    assert f"error {body['id']}:" in log and "training_data.lance" in log, log
+
+
 # ---------------------------------------------------------------------------------------------------- end to end
 
 

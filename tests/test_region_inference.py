@@ -390,3 +390,63 @@ def test_named_tiles_decode_once_in_worker_processes(settings, tmp_path):
     assert spawned.chips == threaded.chips and spawned.detections == threaded.detections > 0
     first, second = (gpd.read_parquet(tmp_path / name / "detections.parquet") for name in ("threads", "processes"))
     assert sorted(first.geometry.to_wkb()) == sorted(second.geometry.to_wkb())
+
+
+def test_forward_batch_size_is_one_tile_on_the_cpu_four_on_a_gpu_unless_given():
+    """The engine's default batch follows the model's device; an explicit size wins; zero is refused."""
+    from types import SimpleNamespace
+
+    from aegir.pipelines.region import GPU_BATCH_SIZE, forward_batch_size
+
+    on_cpu, on_gpu = SimpleNamespace(device=torch.device("cpu")), SimpleNamespace(device=torch.device("cuda"))
+    assert forward_batch_size(None, on_cpu) == 1
+    assert forward_batch_size(None, DarkRoofs()) == 1  # no device: the CPU
+    assert forward_batch_size(None, on_gpu) == GPU_BATCH_SIZE == 4
+    assert forward_batch_size(3, on_gpu) == forward_batch_size(3, on_cpu) == 3
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        forward_batch_size(0, on_cpu)
+
+
+def test_the_engine_fails_only_the_cells_of_a_failing_batch_and_blends_the_others_exactly():
+    """Real Austin pixels, six cells of two shapes: a model that raises on any batch holding a tile of cell ``c2``
+    fails the cells of that batch with its exception; every other cell comes back with exactly the probabilities
+    of the single-image predictor; a failed read stays failed; every cell comes out once."""
+    from PIL import Image
+
+    from aegir.pipelines import region_engine
+    from aegir.training.predictor import blended_probabilities
+
+    image = np.asarray(Image.open(sorted(AUSTIN.glob("*.png"))[0]).convert("RGB")).transpose(2, 0, 1)
+    crops = {f"c{i}": image[:, 40 * i: 40 * i + (600 if i % 2 else 560), 30 * i: 30 * i + 520].copy()
+             for i in range(6)}
+    marker = np.tile(np.array([255, 0], np.uint8), 4)  # 8 px that real imagery does not hold: c2's first tile
+    crops["c2"][:, 0, :8] = marker
+
+    def predict(tiles: np.ndarray) -> np.ndarray:
+        if any((t[:, 0, :8] == marker).all() for t in tiles):
+            raise RuntimeError("model failed on c2's batch")
+        return 1.0 / (1.0 + np.exp(-(tiles.astype(np.float32).mean(axis=1) - 100.0) / 20.0))
+
+    def read(token: str) -> region_engine.CellWork:
+        if token == "c5":
+            raise OSError("c5: truncated tile")
+        return region_engine.CellWork(token, image=crops[token], valid=None)
+
+    cells = list(region_engine.blended_cells(region_engine.read_ahead(list(crops), read, 1, 2), predict, 256, 64,
+                                             batch_size=4, max_waiting=4))
+    assert sorted(c.token for c in cells) == sorted(crops)  # 9 tiles of 256² per cell, 4 per forward pass
+    failed = {c.token: c.error for c in cells if c.error is not None}
+    assert isinstance(failed.pop("c5"), OSError) and "c2" in failed
+    assert len(failed) <= 2 and all("c2's batch" in str(e) for e in failed.values())  # one batch: ≤ 2 cells
+    done = [c for c in cells if c.error is None]
+    assert len(done) == 5 - len(failed) >= 3
+    for cell in done:
+        single = blended_probabilities(crops[cell.token], _ArrayModel(predict), 256, 64, batch_size=1)
+        np.testing.assert_allclose(cell.probabilities, single, atol=1e-6)
+
+
+class _ArrayModel:
+    """``predict_batch`` of a plain array function, for :func:`blended_probabilities`."""
+
+    def __init__(self, predict) -> None:
+        self.predict_batch = predict

@@ -30,7 +30,7 @@ def infer_region(
     threshold: Annotated[float, typer.Option(help="PV probability threshold of a detection.")] = 0.5,
     gap_m: Annotated[float, typer.Option(help="Detections at most this many metres apart form one installation.")] = 5.0,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when present).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Model tiles per forward pass, across cells.")] = 4,
+    batch_size: Annotated[Optional[int], typer.Option(help="Model tiles per forward pass, across cells (default: 4 on a GPU, 1 on the CPU, where batching large tiles is slower and costs memory).")] = None,
     tta: Annotated[bool, typer.Option("--tta", help="Average every tile over its 8 dihedral views (D4; 8× the compute).")] = False,
     decode_workers: Annotated[int, typer.Option(help="Processes decoding named PNG/BMP tiles ahead of the model (0: in the reader thread; GeoTIFF/COG windows are always read there).")] = 0,
     precision: Annotated[str, typer.Option(help="Network precision: auto (bf16 + channels_last on CUDA, fp32 on CPU), fp32, bf16 or fp16.")] = "auto",

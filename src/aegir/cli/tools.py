@@ -16,16 +16,18 @@ from aegir.store import ducklake
 def browse(
     ctx: typer.Context,
     uri: Annotated[Optional[str], typer.Option(help="training_data table location (default: under the LanceDB root).")] = None,
-    host: Annotated[str, typer.Option(help="Address to bind (loopback by default; the page has no login).")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Address to bind (loopback by default; any other address needs --allow-remote).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8765,
     version: Annotated[Optional[int], typer.Option(help="Table version the page opens at (default: latest).")] = None,
+    allow_remote: Annotated[bool, typer.Option("--allow-remote", help="Serve on a non-loopback --host; requests then need a token: $AEGIR_BROWSE_TOKEN, or one generated and printed in the URL.")] = False,
 ) -> None:
     """Serve a local web page over training_data: a map of chip footprints and a filterable thumbnail grid."""
     from aegir.browse import make_server, serve
 
     try:
-        server = make_server(uri, settings_of(ctx).lancedb_root, host, port, version, log_requests=True)
-    except (OSError, ducklake.StoreError) as exc:
+        server = make_server(uri, settings_of(ctx).lancedb_root, host, port, version, log_requests=True,
+                             allow_remote=allow_remote)
+    except (OSError, ValueError, ducklake.StoreError) as exc:
         fail(str(exc))
     serve(server, lambda url: console.print(f"aegir browse: serving {url}  (Ctrl-C stops)", highlight=False))
     console.print("stopped", highlight=False)
