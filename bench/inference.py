@@ -19,8 +19,8 @@ TTA: one more run at ``--tta-size`` tiles with ``--tta`` (the eight dihedral vie
 without.
 
 Model: the random U-Net is seeded and its head's bias shifted so that ``--pv-share`` (default 1 %) of the first
-tile's pixels come out as PV; unshifted, it called a third of the region PV, and the post-processing of one
-region-wide installation of 7,206 fragments, not the engine, set the peak (3.6 GB at 16 tiles).
+tile's pixels come out as PV; unshifted, its 7,206 detections on 16 tiles chained into one installation, and
+that union, not the engine, set the peak (3.6 GB).
 
 Memory is flat once the region holds full-size chips. A region smaller than one chip has smaller forward passes:
 the one-tile 1× region holds only 641² chips, and one forward pass of a 1024² chip needs ~330 MB more than one of
@@ -118,8 +118,8 @@ class _RecordingModel:
 def _unet(args: argparse.Namespace, tiles: Path):
     """The shipped architecture (U-Net, ResNet-18 encoder, 3 bands) with random weights (seed 0): the compute of a
     trained model, without needing one. Its head's bias is shifted so that ``args.pv_share`` of the first tile's
-    pixels come out as PV (≥ 0.5), about what a trained model finds; unshifted, a random network calls a third
-    of the region PV and the region's detections chain into one giant installation."""
+    pixels come out as PV (≥ 0.5), like a trained model's sparse detections; unshifted, its 7,206 detections on 16
+    tiles chained into one installation, whose union, not the engine, set the peak memory."""
     import torch
 
     from aegir.training.inference_model import SegmentationModel

@@ -206,8 +206,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("X-Content-Type-Options", "nosniff")
         for name, value in response.headers.items():
             self.send_header(name, value)
-        if given is not None and response.status != 401:
-            self.send_header("Set-Cookie", f"{TOKEN_COOKIE}={given}; HttpOnly; SameSite=Strict; Path=/")
+        if given is not None and self.server.token and response.status != 401:  # the checked token, not the input
+            self.send_header("Set-Cookie", f"{TOKEN_COOKIE}={self.server.token}; HttpOnly; SameSite=Strict; Path=/")
         self.end_headers()
         self.wfile.write(response.body)
 

@@ -356,6 +356,7 @@ def infer_region(
     """
     started = time.perf_counter()
     checked_gap_m(gap_m)  # before any cell runs
+    forward_batch_size(batch_size, None)  # likewise: ValueError for a batch size < 1
     margin_px = checked_margin_px(overlap_px, margin_px)
     capacity_params = capacity_files.read_capacity_params()
     tiles, tiles_skipped = _index_tiles(settings, tiles_dir, aoi)
@@ -389,8 +390,8 @@ def infer_region(
         if progress:
             progress(finished[0], plan.num_rows)
 
-    engine = {"batch_size": forward_batch_size(batch_size, counting.model), "read_workers": read_workers, "read_ahead": read_ahead,
-              "commit_every": commit_every}
+    engine = {"batch_size": forward_batch_size(batch_size, counting.model), "read_workers": read_workers,
+              "read_ahead": read_ahead, "commit_every": commit_every}
     con = ducklake.connect(settings)
     try:
         if progress and finished[0]:
