@@ -7,7 +7,7 @@ NREL := $(SHARED_DATA)/vhr/nrel_panel_segmentation
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser run test bench clean-data
+.PHONY: install browser postgres run test bench clean-data
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,8 +48,15 @@ browser:
 	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	else echo "note: install Debian's chromium and chromium-driver for the browser test (needs root)"; fi
 
+# Debian's postgresql: the DuckLake catalog server of tests/test_production_stack.py (run there as the unprivileged
+# `postgres` user in a temporary directory, on a free loopback port; the package's own cluster is not used).
+postgres:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	else echo "note: install Debian's postgresql for the production-stack test (needs root)"; fi
+
 # lint-imports checks the layer contracts of pyproject.toml ([tool.importlinter]) before the suite runs.
-test: install browser
+test: install browser postgres
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 

@@ -45,7 +45,7 @@ def test_production_attach_statement_postgres_and_s3():
         "ATTACH 'ducklake:postgres:dbname=pv_lake host=db.internal user=aegir' AS lake "
         "(DATA_PATH 's3://pv-bucket/lake/')"
     )
-    assert ducklake.needed_extensions(settings) == ["ducklake", "spatial", "postgres_scanner", "httpfs"]
+    assert ducklake.needed_extensions(settings) == ["ducklake", "spatial", "postgres_scanner", "httpfs", "aws"]
     secret = ducklake.s3_secret_statement(settings)
     assert secret.startswith("CREATE OR REPLACE SECRET") and "PROVIDER credential_chain" in secret
     assert "ENDPOINT 'acct.r2.cloudflarestorage.com'" in secret and "REGION 'auto'" in secret
@@ -86,3 +86,16 @@ def test_failed_write_rolls_back_to_previous_snapshot(settings):
         assert (again.inserted, again.already_present) == (1, 2)
     finally:
         con.close()
+
+
+def test_a_plain_http_object_store_turns_ssl_off_and_bad_flags_name_their_source():
+    from aegir.config import ConfigError, load_settings
+
+    env = {"AEGIR_DUCKLAKE_DATA_PATH": "s3://b/lake/", "AEGIR_S3_ENDPOINT": "127.0.0.1:9000",
+           "AEGIR_S3_USE_SSL": "false"}
+    settings = load_settings(environ=env)
+    assert settings.s3_use_ssl is False and "USE_SSL false" in ducklake.s3_secret_statement(settings)
+    assert "USE_SSL" not in ducklake.s3_secret_statement(settings.replace(s3_use_ssl=None))  # AWS: the default
+    assert load_settings(environ={**env, "AEGIR_S3_USE_SSL": "TRUE"}).s3_use_ssl is True
+    with pytest.raises(ConfigError, match="s3_use_ssl must be true or false.*'maybe'"):
+        load_settings(environ={**env, "AEGIR_S3_USE_SSL": "maybe"})

@@ -37,6 +37,9 @@ class Settings:
     ``ducklake_catalog`` is the DuckLake catalog URI without the ``ducklake:`` prefix or with it: a local
     DuckDB file (default ``data/ducklake/catalog.ducklake``) or ``postgres:dbname=… host=…`` in production.
     ``ducklake_data_path`` is where DuckLake writes Parquet: a local folder or ``s3://bucket/prefix/``.
+    ``s3_endpoint`` (``host:port``), ``s3_region``, ``s3_url_style`` (``path`` / ``vhost``) and ``s3_use_ssl``
+    (False for a plain-HTTP endpoint) describe an S3-compatible store other than AWS; credentials never come from
+    here, only from the environment / AWS credential chain.
     ``s2_levels`` (each 0..30) and ``h3_resolution`` (0..15) are the spatial keys stored with every label and
     training row (``s2_token_l<level>``, ``h3_<resolution>``): the one place these are set.
     """
@@ -50,6 +53,7 @@ class Settings:
     s3_endpoint: str | None = None
     s3_region: str | None = None
     s3_url_style: str | None = None
+    s3_use_ssl: bool | None = None
     s2_levels: tuple[int, ...] = DEFAULT_S2_LEVELS
     h3_resolution: int = DEFAULT_H3_RESOLUTION
 
@@ -79,6 +83,8 @@ def _coerce(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
             out[key] = _s2_levels(value, source)
         elif key == "h3_resolution":
             out[key] = _h3_resolution(value, source)
+        elif key == "s3_use_ssl":
+            out[key] = _flag(value, key, source)
         else:
             out[key] = str(value)
     return out
@@ -107,6 +113,18 @@ def _h3_resolution(value: Any, source: str) -> int:
     if resolution is None or not 0 <= resolution <= 15:
         raise ConfigError(f"{source}: h3_resolution must be an integer in 0..15, got {value!r}")
     return resolution
+
+
+def _flag(value: Any, key: str, source: str) -> bool:
+    """A bool from a bool or ``true/false/1/0/yes/no``; ConfigError naming ``key`` and ``source`` otherwise."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -42,12 +42,15 @@ def extension_path(name: str) -> Path:
 
 
 def needed_extensions(settings: Settings) -> list[str]:
-    """Extensions this configuration needs: ducklake and spatial always, postgres/httpfs for production."""
+    """Extensions this configuration needs: ducklake and spatial always; postgres_scanner for a PostgreSQL
+    catalog; httpfs for an object-store DATA_PATH, and aws for the credential chain of an S3 / R2 one."""
     names = ["ducklake", "spatial"]
     if settings.ducklake_catalog.removeprefix("ducklake:").startswith("postgres:"):
         names.append("postgres_scanner")
     if settings.ducklake_data_path.startswith(("s3://", "r2://", "gs://", "https://")):
         names.append("httpfs")
+    if settings.ducklake_data_path.startswith(("s3://", "r2://")):
+        names.append("aws")
     return names
 
 
@@ -62,6 +65,8 @@ def s3_secret_statement(settings: Settings) -> str | None:
         options.append(f"ENDPOINT {sql.quote(settings.s3_endpoint)}")
     if settings.s3_url_style:
         options.append(f"URL_STYLE {sql.quote(settings.s3_url_style)}")
+    if settings.s3_use_ssl is not None:
+        options.append(f"USE_SSL {'true' if settings.s3_use_ssl else 'false'}")
     return f"CREATE OR REPLACE SECRET aegir_lake_s3 ({', '.join(options)})"
 
 
