@@ -396,7 +396,7 @@ def test_forward_batch_size_is_one_tile_on_the_cpu_four_on_a_gpu_unless_given():
     """The engine's default batch follows the model's device; an explicit size wins; zero is refused."""
     from types import SimpleNamespace
 
-    from aegir.pipelines.region import GPU_BATCH_SIZE, forward_batch_size
+    from aegir.pipelines.region_engine import GPU_BATCH_SIZE, forward_batch_size
 
     on_cpu, on_gpu = SimpleNamespace(device=torch.device("cpu")), SimpleNamespace(device=torch.device("cuda"))
     assert forward_batch_size(None, on_cpu) == 1

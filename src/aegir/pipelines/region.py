@@ -43,7 +43,6 @@ from aegir.training.predictor import D4_VIEWS, checked_margin_px
 
 CELL_OUTPUTS = ("cell_probability_raster", "prediction_rows")
 TODO_STATUSES = ("pending", "running", "failed")
-GPU_BATCH_SIZE = 4  # model tiles per forward pass on a GPU when none is given
 
 
 NoImageryError = region_inference.NoImageryError  # the AOI, or a cell, holds no imagery from the tile folder
@@ -286,18 +285,6 @@ def _run_cells(con, settings: Settings, plan_id: str, todo: list[str], dag, inpu
         recorder.flush()  # the finished cells' outcomes, also when interrupted
 
 
-def forward_batch_size(batch_size: int | None, model: Any) -> int:
-    """``batch_size`` model tiles per forward pass, or for None :data:`GPU_BATCH_SIZE` when ``model.device`` is a
-    GPU and 1 elsewhere: on the CPU, one 1024² tile per pass of the U-Net / ResNet-18 ran 0.279 chips/s against
-    0.241 in fours, and its forward needs 0.6 GB instead of 2.0 GB (``bench/inference.py``'s machine)."""
-    if batch_size is not None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1 model tiles per forward pass, got {batch_size}")
-        return int(batch_size)
-    device = getattr(model, "device", None)
-    return GPU_BATCH_SIZE if getattr(device, "type", str(device)) == "cuda" else 1
-
-
 def plan_installations(rows: pa.Table, plan_id: str, gap_m: float = 5.0,
                        capacity_params: dict | None = None) -> pa.Table:
     """The ``installations`` rows of a plan's ``predicted_pv`` rows; ``capacity_params`` default: the shipped
@@ -342,7 +329,7 @@ def infer_region(
     form one installation.
 
     Engine (:mod:`aegir.pipelines.region_engine`): ``batch_size`` model tiles per forward pass across cells
-    (None: :func:`forward_batch_size`),
+    (None: :func:`aegir.pipelines.region_engine.forward_batch_size`),
     ``read_workers`` threads reading up to ``read_ahead`` cells ahead (named PNG/BMP tiles decoded in
     ``decode_workers`` spawned processes when > 0), outcomes written every ``commit_every`` cells. Tiling:
     ``tile_px`` tiles overlapping by ``overlap_px``, the outer ``margin_px`` of each inner tile edge left out of
@@ -356,7 +343,7 @@ def infer_region(
     """
     started = time.perf_counter()
     checked_gap_m(gap_m)  # before any cell runs
-    forward_batch_size(batch_size, None)  # likewise: ValueError for a batch size < 1
+    region_engine.forward_batch_size(batch_size, None)  # likewise: ValueError for a batch size < 1
     margin_px = checked_margin_px(overlap_px, margin_px)
     capacity_params = capacity_files.read_capacity_params()
     tiles, tiles_skipped = _index_tiles(settings, tiles_dir, aoi)
@@ -390,8 +377,8 @@ def infer_region(
         if progress:
             progress(finished[0], plan.num_rows)
 
-    engine = {"batch_size": forward_batch_size(batch_size, counting.model), "read_workers": read_workers,
-              "read_ahead": read_ahead, "commit_every": commit_every}
+    engine = {"batch_size": region_engine.forward_batch_size(batch_size, counting.model),
+              "read_workers": read_workers, "read_ahead": read_ahead, "commit_every": commit_every}
     con = ducklake.connect(settings)
     try:
         if progress and finished[0]:
