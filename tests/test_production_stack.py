@@ -4,11 +4,14 @@ server mode). The project's own code talks to both over the network, as it would
 CLI in real processes; credentials come only from the environment and never appear in what the CLI prints.
 
 What this covers today: label import (exact counts, twice), prompts export, the Parquet files in the bucket, two
-processes importing at once. Not yet: ``training_data`` on ``s3://``, training from S3, upkeep, faults (issue #17).
+processes importing at once, ``training_data`` built on ``s3://`` (LanceDB reads the endpoint from
+``AWS_ENDPOINT`` / ``AWS_ALLOW_HTTP``), ``dataset info``, a one-epoch ``aegir train`` streaming from it and
+``aegir browse``'s server over it. Not yet: upkeep, faults, Lance commit conflicts (issue #17).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
@@ -16,7 +19,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Iterator
 
@@ -101,7 +106,7 @@ def object_store() -> Iterator[dict]:
 
 
 @pytest.fixture(scope="module")
-def stack_env(postgres, object_store, tmp_path_factory) -> dict[str, str]:
+def stack_env(postgres, object_store) -> dict[str, str]:
     """The environment of a production run: the catalog, the bucket and the credentials (only here)."""
     return {
         **os.environ,
@@ -109,7 +114,8 @@ def stack_env(postgres, object_store, tmp_path_factory) -> dict[str, str]:
         "AEGIR_DUCKLAKE_CATALOG": postgres, "AEGIR_DUCKLAKE_DATA_PATH": f"s3://{BUCKET}/lake/",
         "AEGIR_S3_ENDPOINT": object_store["endpoint"], "AEGIR_S3_REGION": "us-east-1", "AEGIR_S3_URL_STYLE": "path",
         "AEGIR_S3_USE_SSL": "false", "AEGIR_SAMPLE_DATA_DIR": str(SHARED_DATA),
-        "AEGIR_LANCEDB_ROOT": str(tmp_path_factory.mktemp("prod") / "lancedb"),
+        "AEGIR_LANCEDB_ROOT": f"s3://{BUCKET}/lancedb",
+        "AWS_ENDPOINT": f"http://{object_store['endpoint']}", "AWS_ALLOW_HTTP": "true",  # LanceDB's object store
     }
 
 
@@ -129,12 +135,17 @@ def _settings(env: dict[str, str]) -> Settings:
     return load_settings(environ=env)
 
 
+def _credentials_here(env: dict[str, str], monkeypatch) -> None:
+    """This process's environment gets the run's credentials and LanceDB endpoint (as a deployment would)."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT", "AWS_ALLOW_HTTP"):
+        monkeypatch.setenv(name, env[name])
+
+
 def _raw_counts(env: dict[str, str], monkeypatch) -> dict[str, int]:
     """Rows per ``raw_<dataset>`` table, read in this process over the network (credentials from the env)."""
     from aegir.store import ducklake
 
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
-        monkeypatch.setenv(name, env[name])
+    _credentials_here(env, monkeypatch)
     settings = _settings(env)
     con = ducklake.connect(settings)
     try:
@@ -180,3 +191,40 @@ def test_two_processes_importing_different_label_sets_at_once_both_land(stack_en
     counts = _raw_counts(stack_env, monkeypatch)
     assert counts["concurrent_india"] == SAMPLE_COUNTS["india_solar_farms"]
     assert counts["concurrent_dc"] == SAMPLE_COUNTS["ornl_dc"]
+
+
+def test_training_data_on_s3_trains_one_epoch_and_is_browsed(stack_env, object_store, tmp_path, monkeypatch):
+    """Build ``training_data`` in the bucket from the Jiang tiles, read its summary, train one epoch streaming from
+    it, serve it with ``aegir browse``; the credentials appear in no output, log or checkpoint."""
+    from aegir.browse import make_server
+
+    uri = f"s3://{BUCKET}/lancedb/training_data"
+    jiang = SHARED_DATA / "vhr" / "jiang_pv01"
+    built = aegir(stack_env, "dataset", "build", "--images", str(jiang / "images"), "--masks", str(jiang / "masks"))
+    assert f"{uri}: 60 inserted" in built, built
+    keys = [o["Key"] for o in object_store["client"].list_objects_v2(Bucket=BUCKET, Prefix="lancedb/")["Contents"]]
+    assert any(k.startswith("lancedb/training_data.lance/data/") and k.endswith(".lance") for k in keys), keys
+    info = aegir(stack_env, "dataset", "info", "--json")
+    assert '"rows": 60' in info and '"rows_with_mask": 60' in info, info
+    run = tmp_path / "run"
+    trained = aegir(stack_env, "train", "--dataset-uri", uri, "--out", str(run), "--max-epochs", "1",
+                    "--accelerator", "cpu")
+    assert (run / "best.ckpt").is_file() and "best checkpoint" in trained
+    for path in run.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert SECRET_KEY.encode() not in data and ACCESS_KEY.encode() not in data, path
+    _credentials_here(stack_env, monkeypatch)
+    server = make_server(uri, stack_env["AEGIR_LANCEDB_ROOT"], "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = server.url.rstrip("/")
+        with urllib.request.urlopen(f"{base}/api/facets", timeout=60) as response:
+            facets = json.loads(response.read())
+        with urllib.request.urlopen(f"{base}/api/versions", timeout=60) as response:
+            versions = json.loads(response.read())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert facets["rows"] == 60 and versions["location"].startswith(f"s3://{BUCKET}/"), (facets, versions)
