@@ -6,7 +6,7 @@ CLI in real processes; credentials come only from the environment and never appe
 What this covers today: label import (exact counts, twice), prompts export, the Parquet files in the bucket, two
 processes importing at once, ``training_data`` built on ``s3://`` (LanceDB reads the endpoint from
 ``AWS_ENDPOINT`` / ``AWS_ALLOW_HTTP``), ``dataset info``, a one-epoch ``aegir train`` streaming from it and
-``aegir browse``'s server over it. Not yet: upkeep, faults, Lance commit conflicts (issue #17).
+``aegir browse``'s server over it, latest and an earlier version. Not yet: upkeep, faults, Lance commit conflicts (issue #17).
 """
 
 from __future__ import annotations
@@ -195,7 +195,8 @@ def test_two_processes_importing_different_label_sets_at_once_both_land(stack_en
 
 def test_training_data_on_s3_trains_one_epoch_and_is_browsed(stack_env, object_store, tmp_path, monkeypatch):
     """Build ``training_data`` in the bucket from the Jiang tiles, read its summary, train one epoch streaming from
-    it, serve it with ``aegir browse``; the credentials appear in no output, log or checkpoint."""
+    it, build a second dataset into it, serve it with ``aegir browse`` at the latest and at the first build's
+    version; the credentials appear in no output, log or checkpoint."""
     from aegir.browse import make_server
 
     uri = f"s3://{BUCKET}/lancedb/training_data"
@@ -214,6 +215,10 @@ def test_training_data_on_s3_trains_one_epoch_and_is_browsed(stack_env, object_s
         if path.is_file():
             data = path.read_bytes()
             assert SECRET_KEY.encode() not in data and ACCESS_KEY.encode() not in data, path
+    first_version = int(built.split("version ")[-1].split()[0])
+    again = aegir(stack_env, "dataset", "build", "--images", str(jiang / "images"), "--masks", str(jiang / "masks"),
+                  "--name", "jiang_again")
+    assert f"{uri}: 60 inserted" in again, again
     _credentials_here(stack_env, monkeypatch)
     server = make_server(uri, stack_env["AEGIR_LANCEDB_ROOT"], "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -222,9 +227,13 @@ def test_training_data_on_s3_trains_one_epoch_and_is_browsed(stack_env, object_s
         base = server.url.rstrip("/")
         with urllib.request.urlopen(f"{base}/api/facets", timeout=60) as response:
             facets = json.loads(response.read())
+        with urllib.request.urlopen(f"{base}/api/facets?version={first_version}", timeout=60) as response:
+            earlier = json.loads(response.read())  # time travel on the object store
         with urllib.request.urlopen(f"{base}/api/versions", timeout=60) as response:
             versions = json.loads(response.read())
     finally:
         server.shutdown()
         server.server_close()
-    assert facets["rows"] == 60 and versions["location"].startswith(f"s3://{BUCKET}/"), (facets, versions)
+    assert facets["rows"] == 120 and earlier["rows"] == 60, (facets, earlier)
+    assert [d["value"] for d in earlier["datasets"]] == ["jiang_pv01"]
+    assert versions["location"].startswith(f"s3://{BUCKET}/") and versions["latest"] > first_version, versions
