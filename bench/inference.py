@@ -252,7 +252,7 @@ def main() -> None:
             rows.append(_run_size(side, args, Path(tmp)))
             print(f"measured {side}×{side} tiles: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
         efficiency = _run_size(math.isqrt(args.efficiency_size), args, Path(tmp), efficiency=True)
-        measured = {r["tiles"]: r for r in rows} | {efficiency["tiles"]: efficiency}
+        measured = {efficiency["tiles"]: efficiency} | {r["tiles"]: r for r in rows}  # a plain run, not recording
         without_tta = measured.get(args.tta_size) or _run_size(math.isqrt(args.tta_size), args, Path(tmp))
         with_tta = _run_size(math.isqrt(args.tta_size), args, Path(tmp), tta=True)
     first = rows[0]

@@ -343,7 +343,7 @@ def infer_region(
     """
     started = time.perf_counter()
     checked_gap_m(gap_m)  # before any cell runs
-    region_engine.forward_batch_size(batch_size, None)  # likewise: ValueError for a batch size < 1
+    region_engine.checked_batch_size(batch_size)  # likewise
     margin_px = checked_margin_px(overlap_px, margin_px)
     capacity_params = capacity_files.read_capacity_params()
     tiles, tiles_skipped = _index_tiles(settings, tiles_dir, aoi)

@@ -32,14 +32,19 @@ from aegir.training.predictor import PredictTiles, TileBlend, predicted_tiles
 GPU_BATCH_SIZE = 4  # model tiles per forward pass on a GPU when none is given
 
 
+def checked_batch_size(batch_size: int | None) -> int | None:
+    """``batch_size`` as an int (None stays None: the engine's default); ValueError below 1."""
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 model tiles per forward pass, got {batch_size}")
+    return None if batch_size is None else int(batch_size)
+
+
 def forward_batch_size(batch_size: int | None, model: Any) -> int:
     """``batch_size`` model tiles per forward pass, or for None :data:`GPU_BATCH_SIZE` when ``model.device`` is a
     GPU and 1 elsewhere: on the CPU, one 1024² tile per pass of the U-Net / ResNet-18 ran 0.279 chips/s against
     0.241 in fours, and its forward needs 0.6 GB instead of 2.0 GB (``bench/inference.py``'s machine)."""
-    if batch_size is not None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1 model tiles per forward pass, got {batch_size}")
-        return int(batch_size)
+    if (checked := checked_batch_size(batch_size)) is not None:
+        return checked
     device = getattr(model, "device", None)
     return GPU_BATCH_SIZE if getattr(device, "type", str(device)) == "cuda" else 1
 
