@@ -99,3 +99,36 @@ def test_a_plain_http_object_store_turns_ssl_off_and_bad_flags_name_their_source
     assert load_settings(environ={**env, "AEGIR_S3_USE_SSL": "TRUE"}).s3_use_ssl is True
     with pytest.raises(ConfigError, match="s3_use_ssl must be true or false.*'maybe'"):
         load_settings(environ={**env, "AEGIR_S3_USE_SSL": "maybe"})
+    from aegir.store.lance_io import object_store_env  # LanceDB reaches the same store through AWS_* variables
+
+    assert object_store_env(settings) == {"AWS_ENDPOINT": "http://127.0.0.1:9000", "AWS_ALLOW_HTTP": "true"}
+    r2 = Settings(s3_endpoint="acct.r2.cloudflarestorage.com", s3_region="auto", s3_url_style="vhost")
+    assert object_store_env(r2) == {"AWS_ENDPOINT": "https://acct.r2.cloudflarestorage.com", "AWS_REGION": "auto",
+                                    "AWS_VIRTUAL_HOSTED_STYLE_REQUEST": "true"}
+    assert object_store_env(Settings()) == {}  # AWS itself: the credential chain and its defaults
+
+
+def test_commit_conflicts_are_retried_a_bounded_number_of_times():
+    """``retry_on_conflict`` reruns a transaction that lost a commit race, and only that."""
+    from aegir.store.ducklake.connection import retry_on_conflict
+
+    calls = []
+
+    def losing(times: int, error: type[duckdb.Error] = duckdb.TransactionException,
+               text: str = "Transaction conflict: another writer committed first"):
+        def transaction() -> str:
+            calls.append(1)
+            if len(calls) <= times:
+                raise error(text)
+            return "committed"
+        return transaction
+
+    assert retry_on_conflict(losing(2), retries=4) == "committed" and len(calls) == 3
+    calls.clear()
+    with pytest.raises(duckdb.TransactionException):
+        retry_on_conflict(losing(5), retries=3)
+    assert len(calls) == 3  # bounded: the third conflict propagates
+    calls.clear()
+    with pytest.raises(duckdb.CatalogException):  # not a conflict: no retry
+        retry_on_conflict(losing(1, duckdb.CatalogException, "Table raw_x does not exist"), retries=3)
+    assert len(calls) == 1

@@ -25,14 +25,18 @@ def main(
     config: Annotated[Optional[Path], typer.Option(help="TOML settings file (else $AEGIR_CONFIG).")] = None,
 ) -> None:
     """Settings come from AEGIR_* environment variables and an optional TOML file."""
+    from aegir.store.lance_io import use_object_store_settings
+
     try:
         ctx.obj = {"settings": load_settings(config)}
     except ConfigError as exc:
         fail(str(exc))
+    use_object_store_settings(ctx.obj["settings"])  # LanceDB reaches the same S3 endpoint as the lakehouse
 
 
 app.add_typer(labels.labels_app, name="labels")
 app.add_typer(labels.prompts_app, name="prompts")
+app.add_typer(labels.lake_app, name="lake")
 app.add_typer(imagery.imagery_app, name="imagery")
 app.add_typer(dataset.dataset_app, name="dataset")
 app.add_typer(masks.masks_app, name="masks")

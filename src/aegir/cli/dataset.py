@@ -153,6 +153,33 @@ def dataset_info(
     console.print(render.field_table(info))
 
 
+@dataset_app.command("optimize")
+def dataset_optimize(
+    ctx: typer.Context,
+    uri: Annotated[Optional[str], typer.Option(help="LanceDB table location (default: training_data under the LanceDB root).")] = None,
+    older_than_days: Annotated[float, typer.Option(help="Remove untagged versions older than this many days (0: all but the latest).")] = 7.0,
+    keep: Annotated[Optional[list[int]], typer.Option(help="A version to keep whatever its age (tagged keep-v<N>); repeatable.")] = None,
+    keep_from: Annotated[Optional[list[Path]], typer.Option(help="A folder of checkpoints (e.g. a flywheel run): every version they were trained on is kept; repeatable.")] = None,
+    remove_orphans: Annotated[bool, typer.Option("--remove-orphans", help="Also delete files no version references (a killed Ray build's fragments), whatever their age: only while nothing else writes to the table.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Compact fragments, bring the BTREE indexes up to date, remove old versions (tagged ones stay)."""
+    try:
+        report = dataset_jobs.optimize_dataset(settings_of(ctx), uri, older_than_days, keep, keep_from,
+                                               remove_orphans)
+    except (ValueError, FileNotFoundError, ducklake.StoreError) as exc:
+        fail(str(exc))
+    if as_json:
+        print(json.dumps(vars(report)))
+        return
+    console.print(f"{report.location}: {report.rows:,} rows; fragments {report.fragments_before} → "
+                  f"{report.fragments_after}; versions {report.versions_before} → {report.versions_after} "
+                  f"(latest {report.latest_version}; {report.versions_removed} removed, "
+                  f"{report.bytes_removed / 1e6:.1f} MB freed); kept by tag: "
+                  f"{', '.join(map(str, report.kept_versions)) or 'none'}; indexes built: "
+                  f"{', '.join(report.indexes_built) or 'none'}", highlight=False)
+
+
 @dataset_app.command("build-ray")
 def dataset_build_ray(
     ctx: typer.Context,

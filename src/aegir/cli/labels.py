@@ -1,4 +1,5 @@
-"""`aegir labels …` and `aegir prompts export`: label sets in the DuckLake lakehouse and their prompts."""
+"""`aegir labels …`, `aegir prompts export` and `aegir lake maintain`: label sets in the DuckLake lakehouse, their
+prompts, and the lakehouse's upkeep."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from aegir.store.label_files import LabelFileError
 
 labels_app = typer.Typer(help="PV label sets in the DuckLake lakehouse.", no_args_is_help=True)
 prompts_app = typer.Typer(help="Mask Factory prompts from lakehouse labels.", no_args_is_help=True)
+lake_app = typer.Typer(help="The DuckLake lakehouse itself: upkeep.", no_args_is_help=True)
 
 
 @labels_app.command("import")
@@ -158,3 +160,26 @@ def prompts_export(
         fail(str(exc))
     write_prompts_geoparquet(prompts, out)
     console.print(f"wrote {prompts.num_rows} prompts to {out}")
+
+
+@lake_app.command("maintain")
+def lake_maintain(
+    ctx: typer.Context,
+    older_than_days: Annotated[float, typer.Option(help="Expire snapshots and delete freed / orphaned files older than this many days (0: all but the current snapshot).")] = 7.0,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be expired and deleted; change nothing.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Compact small files, expire old snapshots, delete the files that frees and orphaned files."""
+    try:
+        report = label_jobs.maintain_lake(settings_of(ctx), older_than_days, dry_run)
+    except (ValueError, ducklake.StoreError) as exc:
+        fail(str(exc))
+    if as_json:
+        print(json.dumps(vars(report)))
+        return
+    verb = "would expire" if dry_run else "expired"
+    console.print(f"lakehouse: snapshots {report.snapshots_before} → {report.snapshots_after} ({verb} "
+                  f"{len(report.expired_snapshots)}); {len(report.deleted_files)} freed files and "
+                  f"{len(report.orphaned_files)} orphaned files {'to delete' if dry_run else 'deleted'}",
+                  highlight=False)
+

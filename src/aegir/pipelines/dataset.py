@@ -44,7 +44,8 @@ def write_training_batch(table: lancedb.table.Table, chips: list[Chip], masks: d
                          msi: dict[str, Chip], dataset: str, encoding: str, mask_source: str,
                          params: dict, truth: dict[str, np.ndarray] | None = None,
                          ignore: dict[str, np.ndarray] | None = None) -> lance_io.UpsertResult:
-    """Upsert one ``training_data`` row per chip (keyed by uuid, one commit) and refresh the scalar indexes.
+    """Upsert one ``training_data`` row per chip (keyed by uuid, one commit); a table without its scalar indexes
+    gets them (one version each, the first time only; stale ones are refreshed by ``aegir dataset optimize``).
 
     ``masks``: sample_id → (H, W) 0/1 generated mask on the chip grid; ``truth``: sample_id → pixel ground truth
     (its own column, never replaced by a generated mask); ``ignore``: sample_id → (H, W) bool pixels of the
@@ -60,7 +61,7 @@ def write_training_batch(table: lancedb.table.Table, chips: list[Chip], masks: d
         result = lance_io.UpsertResult(0, 0, table.version)
     else:
         result = lance_io.upsert_training_rows(table, rows)
-    lance_io.ensure_scalar_indexes(table)
+    lance_io.ensure_scalar_indexes(table, missing_only=True)
     return result
 
 
@@ -182,3 +183,38 @@ def dataset_info(settings: Settings, uri: str | None = None) -> dict:
     """Rows, versions, size, S2 coverage and class balance of a ``training_data`` table."""
     table = lance_io.open_training_table(uri, settings.lancedb_root, create=False)
     return lance_io.table_summary(table) | lance_io.class_balance(table)
+
+
+def referenced_versions(table_uri: str, folders: list[str | Path]) -> list[int]:
+    """The versions of the Lance table at ``table_uri`` that the checkpoints (``*.ckpt``, flywheel rounds included)
+    under ``folders`` were trained on; other tables' checkpoints and unreadable files are passed over."""
+    from aegir.store import training_files
+
+    versions = set()
+    for folder in folders:
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"{folder}: no such folder of checkpoints")
+        for path in sorted(Path(folder).rglob("*.ckpt")):
+            try:
+                payload = training_files.read_checkpoint(path)
+            except (ValueError, OSError, RuntimeError):
+                continue
+            if str(payload.get("dataset_uri", "")).rstrip("/") == table_uri.rstrip("/"):
+                versions.add(int(payload["data_version"]))
+    return sorted(versions)
+
+
+def optimize_dataset(settings: Settings, uri: str | None = None, older_than_days: float = 7.0,
+                     keep: list[int] | None = None, keep_from: list[str | Path] | None = None,
+                     remove_orphans: bool = False) -> lance_io.TableUpkeep:
+    """``aegir dataset optimize``: compact the table, bring its indexes up to date and remove untagged versions
+    older than ``older_than_days``, keeping ``keep`` and every version a checkpoint under ``keep_from`` names
+    (training tags its own version already); ``remove_orphans``: also delete files no version references."""
+    import datetime as dt
+
+    if older_than_days < 0:
+        raise ValueError(f"--older-than-days must be >= 0, got {older_than_days}")
+    table = lance_io.open_training_table(uri, settings.lancedb_root, create=False)
+    versions = set(keep or []) | set(referenced_versions(table.to_lance().uri, list(keep_from or [])))
+    return lance_io.optimize_table(table, dt.timedelta(days=older_than_days), sorted(versions), remove_orphans)
+

@@ -48,7 +48,7 @@ class RoundContext:
 
     @property
     def table_uri(self) -> str:
-        return str(Path(self.settings.lancedb_root) / "training_data")
+        return f"{self.settings.lancedb_root.rstrip('/')}/training_data"  # a local folder or s3://…
 
     def earlier(self, step: str, round_index: int | None = None) -> dict:
         index = self.round_index if round_index is None else round_index

@@ -1,5 +1,6 @@
-"""Label jobs (``aegir labels import|list|from-masks``, ``aegir prompts export``): label files → DuckLake,
-DuckLake → prompts, pixel ground-truth masks → label files (panel polygons, array boxes, array points)."""
+"""Label jobs (``aegir labels import|list|from-masks``, ``aegir prompts export``, ``aegir lake maintain``): label
+files → DuckLake, DuckLake → prompts, pixel ground-truth masks → label files (panel polygons, array boxes, array
+points), lakehouse upkeep."""
 
 from __future__ import annotations
 
@@ -64,6 +65,18 @@ def list_datasets(settings: Settings) -> list[dict]:
     con = ducklake.connect(settings)
     try:
         return ducklake.dataset_summaries(con, settings)
+    finally:
+        con.close()
+
+
+def maintain_lake(settings: Settings, older_than_days: float, dry_run: bool = False) -> ducklake.LakeUpkeep:
+    """``aegir lake maintain``: compact, expire snapshots older than ``older_than_days`` and delete the files that
+    frees plus orphaned files (:func:`aegir.store.ducklake.maintain_lakehouse`)."""
+    if older_than_days < 0:
+        raise ValueError(f"--older-than-days must be >= 0, got {older_than_days}")
+    con = ducklake.connect(settings)
+    try:
+        return ducklake.maintain_lakehouse(con, settings, dt.timedelta(days=older_than_days), dry_run)
     finally:
         con.close()
 

@@ -156,7 +156,7 @@ def build_dataset_ray(
     fragments, uuids, skipped = _collect(results)
     commit = lance_fragments.commit_fragments(dataset_uri, fragments, uuids)
     table = lance_io.open_training_table(uri, settings.lancedb_root, create=False)
-    lance_io.ensure_scalar_indexes(table)
+    lance_io.ensure_scalar_indexes(table, missing_only=True)
     root, name = lance_io.resolve_table_location(uri, settings.lancedb_root)
     return BuildReport(f"{root}/{name}", commit.inserted, commit.updated, table.version, skipped)
 

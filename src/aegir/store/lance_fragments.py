@@ -8,7 +8,9 @@ incoming uuids is in the table yet, else an ``Update`` that, in the same commit,
 the old rows of those uuids deleted (deletion files on only the fragments that hold them). So a re-run replaces
 rows instead of duplicating them, and readers see all of a build or none of it. The commit names the version the
 deletions were computed on (``read_version``), so Lance rejects it when a concurrent commit touched the same
-fragments; two runs appending the same NEW uuids at once would both land (one writer per table at a time).
+fragments; the commit then reads the table again, recomputes the deletions and retries (``COMMIT_ATTEMPTS``).
+Lance itself rebases commits that do not overlap (two appends). Two runs appending the same NEW uuids at once
+would both land (one writer per uuid at a time).
 
 Fragment metadata crosses processes as JSON strings (``FragmentMetadata.to_json``). Credentials for object
 stores come from the environment (``AWS_*``), as for every other Lance/LanceDB access here.
@@ -17,6 +19,8 @@ stores come from the environment (``AWS_*``), as for every other Lance/LanceDB a
 from __future__ import annotations
 
 import json
+import random
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -29,6 +33,7 @@ from lance.fragment import FragmentMetadata
 from aegir.store import lance_io, sql
 from aegir.store.lance_io import StoreError
 
+COMMIT_ATTEMPTS = 5  # a conflicting Update is recomputed and committed again at most this often
 CHIP_PREDICTIONS_TABLE = "predictions"  # the Lance table of per-chip predictions (not the lakehouse predicted_pv)
 
 PREDICTIONS_SCHEMA: pa.Schema = pa.schema(
@@ -115,23 +120,36 @@ def commit_fragments(dataset_uri: str, fragments_json: Sequence[str], uuids: Seq
     """
     if len(set(uuids)) != len(uuids):
         raise StoreError(f"{len(uuids) - len(set(uuids))} repeated uuid(s) among the rows to commit")
-    dataset = lance.dataset(dataset_uri)
-    if not fragments_json:
-        return FragmentCommit(0, 0, dataset.version)
     fragments = [FragmentMetadata.from_json(text) for text in fragments_json]
-    replace = _rows_to_replace(dataset, uuids)
+    for attempt in range(COMMIT_ATTEMPTS):
+        dataset = lance.dataset(dataset_uri)
+        if not fragments:
+            return FragmentCommit(0, 0, dataset.version)
+        replace = _rows_to_replace(dataset, uuids)
+        try:
+            committed = lance.LanceDataset.commit(dataset_uri, _operation(dataset, fragments, replace),
+                                                  read_version=dataset.version)
+        except (OSError, ValueError, RuntimeError) as exc:
+            if "conflict" not in str(exc).lower() or attempt == COMMIT_ATTEMPTS - 1:
+                raise
+            time.sleep(random.uniform(0.05, 0.2 * 2**attempt))  # another writer deleted from the same fragments
+            continue
+        replaced = sum(len(v) for v in replace.values())
+        return FragmentCommit(len(uuids) - replaced, replaced, committed.version)
+    raise AssertionError("unreachable")
+
+
+def _operation(dataset: lance.LanceDataset, fragments: list[FragmentMetadata],
+               replace: dict[int, list[str]]) -> lance.LanceOperation.BaseOperation:
+    """``Append`` of ``fragments``, or an ``Update`` that also deletes the ``replace`` rows from their fragments."""
     if not replace:
-        operation = lance.LanceOperation.Append(fragments)
-    else:
-        removed, updated = [], []
-        for fragment_id, values in replace.items():
-            kept = dataset.get_fragment(fragment_id).delete(sql.in_list("uuid", values))
-            (removed.append(fragment_id) if kept is None else updated.append(kept))
-        operation = lance.LanceOperation.Update(removed_fragment_ids=removed, updated_fragments=updated,
-                                                new_fragments=fragments)
-    committed = lance.LanceDataset.commit(dataset_uri, operation, read_version=dataset.version)
-    replaced = sum(len(v) for v in replace.values())
-    return FragmentCommit(len(uuids) - replaced, replaced, committed.version)
+        return lance.LanceOperation.Append(fragments)
+    removed, updated = [], []
+    for fragment_id, values in replace.items():
+        kept = dataset.get_fragment(fragment_id).delete(sql.in_list("uuid", values))
+        (removed.append(fragment_id) if kept is None else updated.append(kept))
+    return lance.LanceOperation.Update(removed_fragment_ids=removed, updated_fragments=updated,
+                                       new_fragments=fragments)
 
 
 def dataset_version(dataset_uri: str) -> int:

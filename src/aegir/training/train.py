@@ -62,6 +62,18 @@ def make_loggers(config: TrainConfig, out: Path, name: str | None = None) -> lis
     return loggers
 
 
+def _keep_trained_version(dataset_uri: str, version: int) -> None:
+    """Tag the table version this run reads (``keep-v<N>``) so ``aegir dataset optimize`` never removes the data a
+    checkpoint names; a store the run may only read gets a warning, not a failed run."""
+    from aegir.store import lance_io
+
+    try:
+        lance_io.keep_version(dataset_uri, version)
+    except (lance_io.StoreError, OSError, ValueError) as exc:
+        warnings.warn(f"{dataset_uri}: version {version} not tagged keep-v{version} ({exc}); `aegir dataset "
+                      f"optimize --keep {version}` keeps it", stacklevel=2)
+
+
 def run_training(dataset_uri: str | None, config: TrainConfig, out_dir: str | Path,
                  lancedb_root: str = "data/lancedb", run_name: str | None = None) -> TrainResult:
     """Fit ``config`` on the train split of ``dataset_uri``, validate on the val split each epoch, keep the best
@@ -74,6 +86,7 @@ def run_training(dataset_uri: str | None, config: TrainConfig, out_dir: str | Pa
     data = LanceSegmentationData(dataset_uri, config, lancedb_root)
     data.setup("fit")
     training_files.write_split_json(out, data.split.to_json())
+    _keep_trained_version(data.split.dataset_uri, data.dataset_version)
     module = SegmentationLitModule(config, data.stats)
     has_val = bool(data.split.uuids["val"])
     best = BestCheckpoint(out, data.dataset_version, data.split.dataset_uri,

@@ -9,7 +9,8 @@ credential chain). Extensions are loaded from the ``duckdb-extension-*`` registr
 Every write is one DuckLake transaction: a killed process leaves the lakehouse at its last snapshot.
 Modules: :mod:`.connection` (connect, table helpers, snapshots), :mod:`.labels` (label tables, quarantine,
 :class:`LabelQuery`), :mod:`.imagery` (the imagery catalog, the label × image join, build records), :mod:`.plans` (grid plans, their cell ledger and worker leases), :mod:`.predictions` (``predicted_pv``),
-:mod:`.installations` (``installations``: detections merged per plan).
+:mod:`.installations` (``installations``: detections merged per plan), :mod:`.upkeep` (snapshot expiry, file cleanup:
+``aegir lake maintain``).
 :class:`StoreError` is the store layer's base error (:mod:`aegir.store.errors`), raised here as it always was.
 """
 
@@ -79,9 +80,12 @@ from aegir.store.ducklake.predictions import (
     read_predictions,
     record_cells,
 )
+from aegir.store.ducklake.upkeep import LakeUpkeep, maintain_lakehouse
 from aegir.store.errors import StoreError
 
 __all__ = [
+    "LakeUpkeep",
+    "maintain_lakehouse",
     "BUILDS_TABLE",
     "IMAGERY_QUARANTINE_TABLE",
     "IMAGERY_TABLE",

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import random
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import duckdb
 import pyarrow as pa
@@ -15,6 +17,9 @@ import pyarrow as pa
 from aegir.config import Settings
 from aegir.store import sql
 from aegir.store.errors import StoreError
+
+T = TypeVar("T")
+CONFLICT_RETRIES = 8  # DuckLake commit conflicts retried this often (backoff 10 ms .. ~6 s)
 
 
 class ExtensionMissingError(StoreError):
@@ -154,6 +159,35 @@ def insert_new_rows(con: duckdb.DuckDBPyConnection, settings: Settings, table: s
 
 
 # ---- transactions and snapshots -----------------------------------------------------------------------------
+
+
+def rollback(con: duckdb.DuckDBPyConnection) -> None:
+    """Roll back the open transaction; a failed COMMIT has already rolled back, and that is not a new error (the
+    original one is what the caller re-raises)."""
+    try:
+        con.execute("ROLLBACK")
+    except duckdb.Error as exc:
+        if "no transaction is active" not in str(exc).lower():
+            raise
+
+
+def is_conflict(exc: duckdb.Error) -> bool:
+    """True for a DuckLake commit conflict (another writer committed an overlapping change first)."""
+    return isinstance(exc, duckdb.TransactionException) or "conflict" in str(exc).lower()
+
+
+def retry_on_conflict(transaction: Callable[[], T], retries: int = CONFLICT_RETRIES) -> T:
+    """Run ``transaction`` (which opens, commits or rolls back its own transaction); a commit conflict runs it
+    again after a random backoff that doubles each time, at most ``retries`` times in all; other errors and the
+    last conflict propagate."""
+    for attempt in range(retries):
+        try:
+            return transaction()
+        except duckdb.Error as exc:
+            if not is_conflict(exc) or attempt == retries - 1:
+                raise
+            time.sleep(random.uniform(0.01, 0.05 * 2**attempt))
+    raise AssertionError("unreachable")
 
 
 @contextlib.contextmanager

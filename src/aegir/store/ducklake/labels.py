@@ -18,6 +18,8 @@ from aegir.store.ducklake.connection import (
     current_snapshot_id,
     insert_new_rows,
     qualified,
+    retry_on_conflict,
+    rollback,
     table_columns,
     table_exists,
 )
@@ -68,29 +70,34 @@ def write_label_batch(
     """Insert new label rows into ``raw_<dataset>`` and bad rows into ``quarantine`` in ONE transaction.
 
     Rows are keyed by ``row_hash``: re-importing the same file inserts nothing. On any error the transaction
-    is rolled back and the lakehouse stays at its previous snapshot.
+    is rolled back and the lakehouse stays at its previous snapshot; a commit conflict with another importer
+    (e.g. both creating ``quarantine``) is retried with backoff (:func:`retry_on_conflict`).
     """
     table = label_table_name(dataset)
-    con.execute("BEGIN TRANSACTION")
-    try:
-        inserted = 0
-        if labels.num_rows:
-            con.register("aegir_incoming_labels", labels)
-            inserted = insert_new_rows(con, settings, table, "aegir_incoming_labels")
-        quarantined = 0
-        if quarantine.num_rows:
-            con.register("aegir_incoming_quarantine", quarantine)
-            quarantined = insert_new_rows(con, settings, QUARANTINE_TABLE, "aegir_incoming_quarantine")
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    finally:
-        for view in ("aegir_incoming_labels", "aegir_incoming_quarantine"):
-            try:
-                con.unregister(view)
-            except duckdb.Error:
-                pass
+
+    def commit() -> tuple[int, int]:
+        con.execute("BEGIN TRANSACTION")
+        try:
+            inserted = quarantined = 0
+            if labels.num_rows:
+                con.register("aegir_incoming_labels", labels)
+                inserted = insert_new_rows(con, settings, table, "aegir_incoming_labels")
+            if quarantine.num_rows:
+                con.register("aegir_incoming_quarantine", quarantine)
+                quarantined = insert_new_rows(con, settings, QUARANTINE_TABLE, "aegir_incoming_quarantine")
+            con.execute("COMMIT")
+            return inserted, quarantined
+        except BaseException:
+            rollback(con)
+            raise
+        finally:
+            for view in ("aegir_incoming_labels", "aegir_incoming_quarantine"):
+                try:
+                    con.unregister(view)
+                except duckdb.Error:
+                    pass
+
+    inserted, quarantined = retry_on_conflict(commit)
     return ImportCommit(table, inserted, labels.num_rows - inserted, quarantined, current_snapshot_id(con, settings))
 
 

@@ -26,6 +26,8 @@ from aegir.store.ducklake.connection import (
     extension_path,
     needed_extensions,
     qualified,
+    retry_on_conflict,
+    rollback,
     s3_secret_statement,
     table_columns,
     table_exists,
@@ -152,7 +154,7 @@ def set_plan_status(con: duckdb.DuckDBPyConnection, settings: Settings, plan_id:
 #   the threads of one process) from ATTACH to DETACH; an aegir process that opened the catalog without the lock
 #   makes the ATTACH fail, which is retried until ``attach_timeout_s``;
 # * Postgres catalog (several hosts): DuckLake commits optimistically and fails a transaction whose updates conflict
-#   with one committed meanwhile; :func:`claim_cells` rolls back and retries (up to ``CONFLICT_RETRIES``).
+#   with one committed meanwhile; :func:`claim_cells` rolls back and retries (``connection.retry_on_conflict``).
 #
 # Lease times are the catalog host's ``now()`` seen by each worker: hosts need clocks synchronised (NTP) to well
 # under the lease. Work is at-least-once: a worker whose lease lapsed (stalled past it, heartbeat lost) may still be
@@ -161,7 +163,6 @@ def set_plan_status(con: duckdb.DuckDBPyConnection, settings: Settings, plan_id:
 # long national run's small files with ``CALL ducklake_merge_adjacent_files('<alias>')``.
 
 LEASE_STATUSES = ("done", "failed", "no_imagery")  # the ends a lease owner may give a cell
-CONFLICT_RETRIES = 8
 
 
 class LedgerSession:
@@ -222,32 +223,6 @@ class LedgerSession:
                 pause = min(pause * 2, 1.0)
 
 
-def _rollback(con: duckdb.DuckDBPyConnection) -> None:
-    """Roll back the open transaction; a failed COMMIT has already rolled back, and that is not a new error (the
-    original one is what the caller re-raises)."""
-    try:
-        con.execute("ROLLBACK")
-    except duckdb.Error as exc:
-        if "no transaction is active" not in str(exc).lower():
-            raise
-
-
-def _is_conflict(exc: duckdb.Error) -> bool:
-    return isinstance(exc, duckdb.TransactionException) or "conflict" in str(exc).lower()
-
-
-def _retrying(transaction: Callable[[], T]) -> T:
-    """Run ``transaction`` (which opens and commits its own transaction); retry DuckLake commit conflicts."""
-    for attempt in range(CONFLICT_RETRIES):
-        try:
-            return transaction()
-        except duckdb.Error as exc:
-            if not _is_conflict(exc) or attempt == CONFLICT_RETRIES - 1:
-                raise
-            time.sleep(random.uniform(0.01, 0.05 * 2**attempt))
-    raise AssertionError("unreachable")
-
-
 def _check_lease(worker_id: str, lease_seconds: float) -> None:
     if not worker_id:
         raise ValueError("a worker id is required")
@@ -290,11 +265,11 @@ def claim_cells(
                             [worker_id, float(lease_seconds), plan_id])
             con.execute("COMMIT")
         except BaseException:
-            _rollback(con)
+            rollback(con)
             raise
         return found.filter(pa.compute.invert(found["exhausted"])).drop_columns(["exhausted"])
 
-    return _retrying(_needs_plan_table(con, settings, plan_id, claim))
+    return retry_on_conflict(_needs_plan_table(con, settings, plan_id, claim))
 
 
 def _needs_plan_table(con: duckdb.DuckDBPyConnection, settings: Settings, plan_id: str,
@@ -345,10 +320,10 @@ def renew_lease(
             con.execute("COMMIT")
             return tokens
         except BaseException:
-            _rollback(con)
+            rollback(con)
             raise
 
-    return _retrying(_needs_plan_table(con, settings, plan_id, renew))
+    return retry_on_conflict(_needs_plan_table(con, settings, plan_id, renew))
 
 
 def complete_cell(
@@ -368,7 +343,7 @@ def complete_cell(
             [status, message, plan_id, cell_token, worker_id]).fetchall()
         return changed == 1
 
-    return _retrying(_needs_plan_table(con, settings, plan_id, complete))
+    return retry_on_conflict(_needs_plan_table(con, settings, plan_id, complete))
 
 
 def plan_progress(con: duckdb.DuckDBPyConnection, settings: Settings, plan_id: str) -> dict[str, float]:

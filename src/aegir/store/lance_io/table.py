@@ -21,7 +21,7 @@ import lancedb
 import pyarrow as pa
 from lancedb.index import BTree
 
-from aegir.config import DEFAULT_H3_RESOLUTION, DEFAULT_S2_LEVELS
+from aegir.config import DEFAULT_H3_RESOLUTION, DEFAULT_S2_LEVELS, Settings
 from aegir.store.lance_io.schema import (
     ADDED_COLUMNS,
     DATA_STORAGE_VERSION,
@@ -78,6 +78,31 @@ def resolve_table_location(
     return parent or "/", name
 
 
+def object_store_env(settings: Settings) -> dict[str, str]:
+    """The ``AWS_*`` variables through which Lance / LanceDB reach the S3-compatible store of ``settings.s3_*``
+    (the one DuckLake's DATA_PATH uses): endpoint (``http://`` when ``s3_use_ssl`` is false), region, path or
+    virtual-host style. Credentials are not among them: they stay in the environment / credential chain."""
+    env: dict[str, str] = {}
+    if settings.s3_endpoint:
+        scheme = "http" if settings.s3_use_ssl is False else "https"
+        endpoint = settings.s3_endpoint if "://" in settings.s3_endpoint else f"{scheme}://{settings.s3_endpoint}"
+        env["AWS_ENDPOINT"] = endpoint
+        if endpoint.startswith("http://"):
+            env["AWS_ALLOW_HTTP"] = "true"
+    if settings.s3_region:
+        env["AWS_REGION"] = settings.s3_region
+    if settings.s3_url_style:
+        env["AWS_VIRTUAL_HOSTED_STYLE_REQUEST"] = "true" if settings.s3_url_style == "vhost" else "false"
+    return env
+
+
+def use_object_store_settings(settings: Settings) -> None:
+    """Export :func:`object_store_env` into this process (and the processes it starts); a variable already set
+    in the environment wins."""
+    for name, value in object_store_env(settings).items():
+        os.environ.setdefault(name, value)
+
+
 def is_local(path: str) -> bool:
     """True for a local path or ``file://`` URI (not an object store)."""
     return "://" not in path or path.startswith("file://")
@@ -104,16 +129,21 @@ def open_training_table(
     location = f"{root.rstrip('/')}/{name}.lance"
     if not create and is_local(root) and not (local_path(root) / f"{name}.lance").exists():
         raise StoreError(f"no LanceDB training table at {location} (build it with `aegir dataset build`)")
-    db = lancedb.connect(root)
     try:
-        table = db.open_table(name)
-    except (ValueError, FileNotFoundError) as exc:
-        if not create:
-            raise StoreError(f"no LanceDB training table at {location}: {exc}") from exc
-        table = db.create_table(
-            name, schema=training_data_schema(s2_levels, h3_resolution), exist_ok=True,
-            storage_options={"new_table_data_storage_version": DATA_STORAGE_VERSION},
-        )
+        db = lancedb.connect(root)
+        try:
+            table = db.open_table(name)
+        except (ValueError, FileNotFoundError) as exc:
+            if not create:
+                raise StoreError(f"no LanceDB training table at {location}: {_first_words(exc)}") from exc
+            table = db.create_table(
+                name, schema=training_data_schema(s2_levels, h3_resolution), exist_ok=True,
+                storage_options={"new_table_data_storage_version": DATA_STORAGE_VERSION},
+            )
+    except (OSError, RuntimeError, ValueError) as exc:
+        if isinstance(exc, StoreError):
+            raise
+        raise StoreError(f"cannot open or create the LanceDB table {location}: {_first_words(exc)}") from exc
     problems = schema_problems(table.schema)
     missing = [f for f in ADDED_COLUMNS if f.name not in table.schema.names]
     added = {f"missing column {path}" for f in missing for path in leaf_types(pa.schema([f]))}
@@ -125,6 +155,12 @@ def open_training_table(
     return table
 
 
+def _first_words(exc: BaseException, limit: int = 400) -> str:
+    """An error's text on one line, cut at ``limit`` characters (lance's IO errors run to pages)."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit] + " …"
+
+
 # ---- writes, indexes, versions ------------------------------------------------------------------------------
 
 
@@ -133,19 +169,30 @@ def upsert_training_rows(table: lancedb.table.Table, rows: pa.Table | Sequence[M
 
     Rows are checked against the training schema of the table's own S2 levels and H3 resolution."""
     batch = validate_rows(rows, schema_of(table.schema))
+    before = table.version
     if batch.num_rows == 0:
-        return UpsertResult(inserted=0, updated=0, version=table.version)
-    result = (
-        table.merge_insert("uuid").when_matched_update_all().when_not_matched_insert_all().execute(batch)
-    )
+        return UpsertResult(inserted=0, updated=0, version=before)
+    try:
+        result = (
+            table.merge_insert("uuid").when_matched_update_all().when_not_matched_insert_all().execute(batch)
+        )
+    except (OSError, RuntimeError) as exc:  # the object store went away, a disk filled: lance's IO errors
+        raise StoreError(f"{table.uri}: writing {batch.num_rows} rows failed and none of them was committed; the "
+                         f"table stays at version {before}; re-run once the store is reachable (rows are keyed "
+                         f"by uuid, so a re-run completes the work). Cause: {_first_words(exc)}") from exc
     return UpsertResult(
         inserted=int(result.num_inserted_rows), updated=int(result.num_updated_rows), version=int(result.version)
     )
 
 
-def ensure_scalar_indexes(table: lancedb.table.Table, columns: Iterable[str] | None = None) -> list[str]:
+def ensure_scalar_indexes(table: lancedb.table.Table, columns: Iterable[str] | None = None,
+                          missing_only: bool = False) -> list[str]:
     """Build missing or stale BTREE indexes on ``columns`` (default: uuid, dataset and the table's S2 token
-    fields); return the columns (re)indexed (none when the table is empty)."""
+    fields); return the columns (re)indexed (none when the table is empty). Each index is one table version.
+
+    ``missing_only``: leave stale indexes as they are (Lance answers a filter from the index plus a scan of the
+    rows written since; ``aegir dataset optimize`` folds those in), so a build adds no index versions to a
+    table that has its indexes."""
     if table.count_rows() == 0:
         return []
     columns = index_columns(stored_s2_levels(table.schema)) if columns is None else columns
@@ -153,9 +200,14 @@ def ensure_scalar_indexes(table: lancedb.table.Table, columns: Iterable[str] | N
     built = []
     for column in columns:
         idx = existing.get((column,))
-        if idx is not None and idx.num_unindexed_rows == 0:
+        if idx is not None and (missing_only or idx.num_unindexed_rows == 0):
             continue
-        table.create_index(column, config=BTree(), replace=True)
+        try:
+            table.create_index(column, config=BTree(), replace=True)
+        except (OSError, RuntimeError) as exc:
+            raise StoreError(f"{table.uri}: building the {column} index failed; the rows are committed (version "
+                             f"{table.version}); `aegir dataset optimize` builds it later. Cause: "
+                             f"{_first_words(exc)}") from exc
         built.append(column)
     return built
 
