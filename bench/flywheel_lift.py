@@ -18,7 +18,7 @@ pixel IoU and ≥ 0.03 seed-test pixel IoU, no round below round 0 on either (pe
 round 3 — and the wall-clock minutes of one run. Results: ``OUT/flywheel_lift.json``.
 
     python bench/flywheel_lift.py [--seeds 0,1,2] [--rounds 3] [--control] [--train KEY=VALUE ...]
-                                  [--out bench-out/flywheel_lift]
+                                  [--set KEY=VALUE ...] [--out bench-out/flywheel_lift]
 """
 
 from __future__ import annotations
@@ -40,10 +40,11 @@ COLUMNS = ("seed_test_iou", "target_iou", "target_object_f1", "transfer_f1", "ac
            "pseudo_negative")
 
 
-def run_seed(seed: int, rounds: int, control: bool, out: Path, train: dict | None = None) -> tuple[list[dict], float]:
+def run_seed(seed: int, rounds: int, control: bool, out: Path, train: dict | None = None,
+             flywheel: dict | None = None) -> tuple[list[dict], float]:
     """One flywheel run (its own LanceDB root under ``out``); returns the per-round table and its minutes."""
     settings = load_settings().replace(lancedb_root=str(out / "lancedb"))
-    overrides: dict = {"seed": seed, "rounds": rounds} | ({"train": train} if train else {})
+    overrides: dict = (flywheel or {}) | {"seed": seed, "rounds": rounds} | ({"train": train} if train else {})
     if control:
         overrides |= {"max_positive_share": 0.0, "max_negative_share": 0.0}
     started = time.perf_counter()
@@ -99,14 +100,21 @@ def main() -> None:
     parser.add_argument("--control", action="store_true", help="pseudo-labels off: warm-start and budget only")
     parser.add_argument("--train", action="append", default=[], metavar="KEY=VALUE",
                         help="a [flywheel.train] override (TOML value), e.g. --train ema_decay=0.9; repeatable")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="flywheel",
+                        help="a [flywheel] override (TOML value), e.g. --set warm_start_lr_scale=0.3; repeatable")
     parser.add_argument("--out", default="bench-out/flywheel_lift")
     args = parser.parse_args()
-    train = {key.strip(): tomllib.loads(f"v = {value}")["v"] for key, value in (t.split("=", 1) for t in args.train)}
-    arm = ("control" if args.control else "flywheel") + "".join(f"_{k}={v}" for k, v in train.items())
+
+    def parsed(pairs: list[str]) -> dict:
+        return {key.strip(): tomllib.loads(f"v = {value}")["v"] for key, value in (t.split("=", 1) for t in pairs)}
+
+    train, flywheel = parsed(args.train), parsed(args.flywheel)
+    arm = ("control" if args.control else "flywheel") + "".join(f"_{k}={v}" for k, v in (flywheel | train).items())
     out = Path(args.out) / arm
     tables, minutes = {}, {}
     for seed in [int(s) for s in args.seeds.split(",")]:
-        tables[seed], minutes[seed] = run_seed(seed, args.rounds, args.control, out / f"seed_{seed}", train)
+        tables[seed], minutes[seed] = run_seed(seed, args.rounds, args.control, out / f"seed_{seed}", train,
+                                               flywheel)
     rows = summary(tables)
     print(f"\n{arm}{' (no pseudo-labels)' if args.control else ''}: {len(tables)} seeds, mean ± sd")
     print("round | " + " | ".join(COLUMNS))

@@ -97,7 +97,7 @@ print(f"python {sys.executable}\nworkspace {WORK}\nshared data {DATA}\ntorch thr
 # %%
 JIANG_URI = str(WORK / "lancedb" / "jiang")
 build = build_dataset_from_images(settings, JIANG / "images", JIANG / "masks", JIANG_URI, "jiang_pv01")
-vhr_config = TrainConfig(arch="unet", encoder="resnet18", inputs="vhr", max_epochs=15, batch_size=8,
+vhr_config = TrainConfig(arch="unet", encoder="resnet18", inputs="vhr", max_epochs=10, batch_size=8,
                          crop_size=128, warmup_epochs=1, lr=2e-3, accelerator="cpu", threads=THREADS,
                          wandb=False, progress_bar=False, log_every_n_steps=1)
 vhr = run_training(JIANG_URI, vhr_config, WORK / "runs" / "jiang_vhr", settings.lancedb_root)
@@ -235,7 +235,7 @@ show(figure, "s2_chips")
 # %%
 msi_runs = {}
 for inputs in ("vhr", "msi", "vhr+msi"):
-    config = TrainConfig(arch="unet", encoder="resnet18", inputs=inputs, max_epochs=8, batch_size=8,
+    config = TrainConfig(arch="unet", encoder="resnet18", inputs=inputs, max_epochs=5, batch_size=8,
                          warmup_epochs=1, lr=2e-3, split_level=13, val_fraction=0.25, test_fraction=0.0,
                          accelerator="cpu", threads=THREADS, wandb=False, progress_bar=False, log_every_n_steps=1)
     result = run_training(MSI_URI, config, WORK / "runs" / f"s2_{inputs.replace('+', '_')}", settings.lancedb_root)
@@ -267,7 +267,7 @@ msi_table.round(3)
 # %% [markdown]
 # ## Reading the results
 #
-# * **Jiang VHR**: the loss falls and validation IoU climbs within a dozen short epochs from random weights; the
+# * **Jiang VHR**: the loss falls and validation IoU climbs within ten short epochs from random weights; the
 #   test split (cells never seen) is scored against ground truth above. Longer training (`bench/train_quality.py`)
 #   is what gets the ~0.93 test pixel IoU quoted in the README.
 # * **MSI modes**: every mode trains on the real scene and the MSI chips are where they should be (the row's

@@ -54,6 +54,7 @@ class FlywheelConfig:
     max_positive_share: float
     max_negative_share: float
     warm_start: bool
+    warm_start_lr_scale: float
     quicklook_images: int
     train: dict[str, Any] = field(default_factory=dict)
     gate: dict[str, Any] = field(default_factory=dict)
@@ -152,6 +153,8 @@ def _check(config: FlywheelConfig, where: str) -> None:
         raise ValueError(f"{where}: tta_views must be dihedral codes 0..7, got {config.tta_views}")
     if config.mask_factory not in available_backends():
         raise ValueError(f"{where}: mask_factory {config.mask_factory!r} is not one of {', '.join(available_backends())}")
+    if not config.warm_start_lr_scale > 0:
+        raise ValueError(f"{where}: warm_start_lr_scale must be > 0, got {config.warm_start_lr_scale}")
     if config.rounds < 0 or config.window_px < 32:
         raise ValueError(f"{where}: rounds must be >= 0 and window_px >= 32")
     if not 0 <= config.holdout_target_share + config.holdout_test_share < 1:

@@ -234,15 +234,18 @@ def _pseudo_rows(context: RoundContext) -> dict:
 
 def round_train_config(context: RoundContext):
     """The round's TrainConfig: the configured budget, the pinned version, the seed + this round's pseudo rows,
-    the previous checkpoint as the start, the val part's cells as validation, no test cells when the seed has a
-    test part."""
+    the previous checkpoint as the start (its learning rate × ``warm_start_lr_scale``), the val part's cells as
+    validation, no test cells when the seed has a test part."""
     from aegir.training.config import TrainConfig
 
     cfg = context.config
     k = context.round_index
     datasets = context.earlier("data", 0)["seed_datasets"] + ([pseudo_dataset(k)] if k else [])
     init = context.earlier("train", k - 1)["checkpoint"] if k and cfg.warm_start else None
-    values = {"wandb": False, "progress_bar": False, "accelerator": "cpu", "seed": cfg.seed} | cfg.train | {
+    train = dict(cfg.train)
+    if init:  # fine-tuning a trained model: a smaller step than training from scratch
+        train["lr"] = train.get("lr", TrainConfig.lr) * cfg.warm_start_lr_scale
+    values = {"wandb": False, "progress_bar": False, "accelerator": "cpu", "seed": cfg.seed} | train | {
         "dataset_version": context.earlier("data")["version"], "filter_dataset": datasets,
         "train_only_datasets": [pseudo_dataset(k)] if k else [], "init_checkpoint": init}
     parts = partition(context)
