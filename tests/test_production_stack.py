@@ -4,11 +4,12 @@ server mode), which is also the LanceDB root. The project's own code talks to bo
 RDS and S3 / R2, through the CLI in real processes; credentials come only from the environment and never appear in
 what the CLI prints or writes. LanceDB finds the endpoint through the same ``AEGIR_S3_*`` settings as DuckLake.
 
-Covered: label import (exact counts, twice), prompts export, two processes importing at once, a grid plan worked by
-two worker processes and region inference writing ``predicted_pv``, ``training_data`` built on ``s3://`` (two
-builds at once, too), ``dataset info``, a one-epoch ``aegir train`` streaming from it, ``aegir browse`` over it
-(latest and an earlier version), upkeep (``dataset optimize`` keeping the trained version, a killed Ray driver's
-fragments removed, ``lake maintain``), and faults: the object store going away mid-build, the catalog restarting.
+Covered: label import (exact counts, twice), prompts export, two processes importing at once, the imagery catalog
+(twice), a grid plan worked by two worker processes and region inference writing ``predicted_pv``,
+``training_data`` built on ``s3://`` (two builds at once, too), ``dataset info``, a one-epoch ``aegir train``
+streaming from it, ``aegir browse`` over it (latest and an earlier version), upkeep (``dataset optimize`` keeping the
+trained version, a killed Ray driver's fragments removed, ``lake maintain``), and faults: the object store going
+away mid-build, the catalog restarting.
 """
 
 from __future__ import annotations
@@ -204,6 +205,18 @@ def test_prompts_export_reads_the_production_lakehouse(stack_env, tmp_path):
     assert pq.read_metadata(out).num_rows == SAMPLE_COUNTS["ornl_boston"] + SAMPLE_COUNTS["ornl_dc"]
 
 
+def test_the_imagery_catalog_registers_into_the_production_lakehouse_once(stack_env):
+    """``aegir imagery register`` writes the Jiang footprints (with their truth masks) to the catalog in
+    PostgreSQL + the bucket: 60 the first time, 0 new the second; ``imagery list`` reads them back."""
+    first = aegir_json(stack_env, "imagery", "register", str(JIANG / "images"), "--dataset", "jiang_pv01",
+                       "--truth-masks", str(JIANG / "masks"))
+    again = aegir_json(stack_env, "imagery", "register", str(JIANG / "images"), "--dataset", "jiang_pv01",
+                       "--truth-masks", str(JIANG / "masks"))
+    assert (first["inserted"], again["inserted"], again["already_present"]) == (60, 0, 60), (first, again)
+    listed = aegir_json(stack_env, "imagery", "list", "--dataset", "jiang_pv01")
+    assert len(listed) == 60 and all(row["dataset"] == "jiang_pv01" for row in listed)
+
+
 def test_two_processes_importing_different_label_sets_at_once_both_land(stack_env, monkeypatch):
     """Two real processes commit to one PostgreSQL catalog at the same time; both land, with exact counts."""
     files = {"concurrent_india": SHARED_DATA / "labels/india_solar_farms_2021/"
@@ -343,6 +356,33 @@ def test_two_builds_into_one_s3_table_at_once_lose_no_rows(stack_env):
     assert all(f"{uri}: 60 inserted" in out for out in outputs), outputs
     info = aegir_json(stack_env, "dataset", "info", "--uri", uri)
     assert info["rows"] == 120 and info["rows_with_mask"] == 120, info
+
+
+def test_two_writers_indexing_one_s3_table_at_the_same_moment_both_finish(stack_env, monkeypatch):
+    """Two processes create the missing BTREE indexes of one table at the same instant (two builds into a new
+    table do): Lance rejects the later index commit; the loser sees the winner's index and goes on."""
+    import lancedb
+    import pyarrow as pa
+
+    _credentials_here(stack_env, monkeypatch)
+    root = f"s3://{BUCKET}/index_race"
+    lancedb.connect(root).create_table("t", data=pa.table({"uuid": [f"u{i}" for i in range(500)], "d": ["x"] * 500}))
+    code = """
+import sys, time, lancedb
+from aegir.store.lance_io import ensure_scalar_indexes
+table = lancedb.connect(sys.argv[1]).open_table("t")
+while time.time() < float(sys.argv[2]):
+    pass
+print(ensure_scalar_indexes(table, ["uuid", "d"], missing_only=True))
+"""
+    start = str(time.time() + 5)  # both processes past their imports, then one instant
+    env = stack_env | {name: os.environ[name] for name in ("AWS_ENDPOINT", "AWS_ALLOW_HTTP")}
+    procs = [subprocess.Popen([sys.executable, "-c", code, root, start], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), outputs
+    indexed = sorted(tuple(idx.columns) for idx in lancedb.connect(root).open_table("t").list_indices())
+    assert indexed == [("d",), ("uuid",)], (indexed, outputs)
 
 
 RECORDS_ENV = "STACK_TEST_CELL_RECORDS"

@@ -13,6 +13,8 @@ So the S2 tokens and ``dataset`` stay nested in ``metadata`` only; there are no 
 from __future__ import annotations
 
 import os
+import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -35,6 +37,9 @@ from aegir.store.lance_io.schema import (
     training_data_schema,
 )
 from aegir.store.lance_io.validate import validate_rows
+
+
+INDEX_ATTEMPTS = 5  # an index commit preempted by a concurrent writer's is retried this often
 
 
 @dataclass(frozen=True)
@@ -202,14 +207,29 @@ def ensure_scalar_indexes(table: lancedb.table.Table, columns: Iterable[str] | N
         idx = existing.get((column,))
         if idx is not None and (missing_only or idx.num_unindexed_rows == 0):
             continue
+        if _create_index(table, column, missing_only):
+            built.append(column)
+    return built
+
+
+def _create_index(table: lancedb.table.Table, column: str, missing_only: bool) -> bool:
+    """Build the BTREE index on ``column``; False when a concurrent writer built the missing index first. Lance
+    rejects an index commit that another index commit preempted ("Retryable commit conflict"): retried with
+    backoff, at most ``INDEX_ATTEMPTS`` times."""
+    for attempt in range(INDEX_ATTEMPTS):
         try:
             table.create_index(column, config=BTree(), replace=True)
+            return True
         except (OSError, RuntimeError) as exc:
-            raise StoreError(f"{table.uri}: building the {column} index failed; the rows are committed (version "
-                             f"{table.version}); `aegir dataset optimize` builds it later. Cause: "
-                             f"{_first_words(exc)}") from exc
-        built.append(column)
-    return built
+            table.checkout_latest()  # this handle does not see other processes' commits until asked to
+            if missing_only and any(tuple(idx.columns) == (column,) for idx in table.list_indices()):
+                return False  # another build made it meanwhile
+            if "conflict" not in str(exc).lower() or attempt == INDEX_ATTEMPTS - 1:
+                raise StoreError(f"{table.uri}: building the {column} index failed; the rows are committed "
+                                 f"(version {table.version}); `aegir dataset optimize` builds it later. Cause: "
+                                 f"{_first_words(exc)}") from exc
+            time.sleep(random.uniform(0.05, 0.2 * 2**attempt))
+    raise AssertionError("unreachable")
 
 
 def table_versions(table: lancedb.table.Table) -> list[dict[str, Any]]:
