@@ -184,3 +184,21 @@ def test_seed_uri_copies_the_masked_rows_of_another_table(tmp_path):
     lance_io.open_training_table(empty, settings.lancedb_root)
     with pytest.raises(lance_io.StoreError, match="no rows with a mask"):
         lance_io.copy_masked_rows(empty, settings.lancedb_root, run_table)
+
+
+def test_a_warm_started_round_trains_at_the_scaled_learning_rate(tmp_path, settings):
+    """Round 0 trains at ``[flywheel.train] lr``; a round that starts from the previous checkpoint at
+    ``lr × warm_start_lr_scale``; a scale ≤ 0 is an error naming the key."""
+    from aegir.pipelines.flywheel_steps import RoundContext, round_train_config
+
+    config = load_flywheel_config(warm_start_lr_scale=0.25, train={"lr": 0.002}).resolved(settings)
+    state = FlywheelState(tmp_path, config)
+    state.record(0, "data", {"version": 3, "seed_datasets": ["flywheel_seed"]})
+    state.record(0, "train", {"checkpoint": str(tmp_path / "round_0" / "train" / "best.ckpt")})
+    state.record(1, "data", {"version": 4})
+    (tmp_path / "partition.json").write_text(json.dumps({"labelled": [], "target": [], "test": []}))
+    first, second = (round_train_config(RoundContext(settings, config, tmp_path, k, state)) for k in (0, 1))
+    assert first.lr == 0.002 and first.init_checkpoint is None
+    assert second.lr == pytest.approx(0.0005) and second.init_checkpoint.endswith("round_0/train/best.ckpt")
+    with pytest.raises(ValueError, match="warm_start_lr_scale must be > 0"):
+        load_flywheel_config(warm_start_lr_scale=0.0)
