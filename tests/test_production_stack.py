@@ -418,10 +418,10 @@ def test_a_plan_worked_by_two_processes_and_region_inference_on_the_stack(s3_tra
     assert status["done"] == len(tokens) and status["pending"] == 0, status
 
     out = tmp_path / "region"
-    region = aegir_json(env, "infer", "region", "--tiles", str(AUSTIN), "--aoi", "-97.7045,30.2999,-97.7017,30.3021",
+    region = aegir_json(env, "infer", "region", "--tiles", str(AUSTIN), "--aoi", "-97.7036,30.3004,-97.7026,30.3012",
                         "--plan-level", "16", "--checkpoint", str(s3_trained["run"] / "best.ckpt"), "--out",
                         str(out), "--device", "cpu")
-    assert region["failed"] == [] and len(region["processed"]) == region["cells"] >= 2, region
+    assert region["failed"] == [] and len(region["processed"]) == region["cells"] >= 1, region
     _credentials_here(stack_env, monkeypatch)
     settings = _settings(stack_env)
     con = ducklake.connect(settings)
