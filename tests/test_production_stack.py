@@ -331,8 +331,8 @@ def test_optimize_keeps_the_trained_version_and_removes_old_versions_and_orphans
 
     report = aegir_json(stack_env, "dataset", "optimize", "--older-than-days", "0", "--keep-from",
                         str(s3_trained["run"]), "--remove-orphans")
-    assert report["rows"] == before["rows"] >= 180 and report["kept_versions"] == [s3_trained["version"]]
-    assert report["fragments_before"] >= 3 and report["fragments_after"] == 1, report
+    assert report["rows"] == before["rows"] >= 120 and report["kept_versions"] == [s3_trained["version"]]
+    assert report["fragments_before"] >= 2 and report["fragments_after"] == 1, report
     assert report["versions_after"] == 2 and report["versions_removed"] >= 2, report  # the latest + the kept one
     assert not orphans & _lance_objects(client, "lancedb/training_data.lance/data/")  # the killed writer's files
     after = aegir_json(stack_env, "dataset", "info")

@@ -86,7 +86,13 @@ def optimize_table(table: lancedb.table.Table, older_than: dt.timedelta, keep: I
         keep_version(uri, version)
     if report.rows:  # indexes first: Lance compacts only fragments an index covers alike
         report.indexes_built = ensure_scalar_indexes(table, missing_only=True)
-        lance.dataset(uri).optimize.optimize_indices()
+        try:
+            lance.dataset(uri).optimize.optimize_indices()
+        except (OSError, ValueError, RuntimeError):
+            # pylance 14 cannot fold updated rows into a nested-field index ("No column with name dataset"):
+            # rebuild the stale indexes in full instead (one version each)
+            table.checkout_latest()
+            report.indexes_built += ensure_scalar_indexes(table)
         lance.dataset(uri).optimize.compact_files()
     stats = lance.dataset(uri).cleanup_old_versions(older_than=older_than, delete_unverified=remove_orphans,
                                                     error_if_tagged_old_versions=False)
