@@ -19,6 +19,8 @@ import shapely
 from pyproj import CRS
 from pyproj.exceptions import CRSError
 
+from aegir.store.errors import one_line
+
 VECTOR_SUFFIXES = {".geojson", ".json", ".shp", ".gpkg", ".fgb"}
 PARQUET_SUFFIXES = {".parquet", ".geoparquet"}
 CSV_SUFFIXES = {".csv", ".tsv"}
@@ -60,12 +62,7 @@ def _read_vector(path: Path) -> gpd.GeoDataFrame:
     try:
         return pyogrio.read_dataframe(path, on_invalid="ignore")
     except Exception as exc:  # pyogrio raises DataSourceError, GEOSException, …
-        raise LabelFileError(f"{path}: cannot read as a vector file ({type(exc).__name__}: {_one_line(exc)})") from exc
-
-
-def _one_line(exc: Exception) -> str:
-    """A library's message on one line (GDAL / pandas messages may span several)."""
-    return " ".join(str(exc).split())
+        raise LabelFileError(f"{path}: cannot read as a vector file ({type(exc).__name__}: {one_line(exc)})") from exc
 
 
 _GEOJSON_CRS = re.compile(rb'"crs"\s*:\s*\{[^{}]*"properties"\s*:\s*\{[^{}]*"name"\s*:\s*"([^"]*)"')
@@ -86,7 +83,7 @@ def _read_geoparquet(path: Path) -> gpd.GeoDataFrame:
     try:
         return gpd.read_parquet(path)
     except Exception as exc:
-        raise LabelFileError(f"{path}: cannot read as GeoParquet ({type(exc).__name__}: {_one_line(exc)})") from exc
+        raise LabelFileError(f"{path}: cannot read as GeoParquet ({type(exc).__name__}: {one_line(exc)})") from exc
 
 
 def _find_column(columns: list[str], candidates: tuple[str, ...], explicit: str | None, path: Path, what: str) -> str:
@@ -109,7 +106,7 @@ def _read_csv_points(path: Path, lon_col: str | None, lat_col: str | None) -> tu
     try:
         frame = pd.read_csv(path, sep=sep, encoding="utf-8-sig", low_memory=False)
     except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise LabelFileError(f"{path}: cannot read as CSV ({type(exc).__name__}: {_one_line(exc)})") from exc
+        raise LabelFileError(f"{path}: cannot read as CSV ({type(exc).__name__}: {one_line(exc)})") from exc
     frame.columns = [str(c).strip() for c in frame.columns]
     lon_name = _find_column(list(frame.columns), LON_NAMES, lon_col, path, "longitude")
     lat_name = _find_column(list(frame.columns), LAT_NAMES, lat_col, path, "latitude")

@@ -36,6 +36,7 @@ from aegir.store.lance_io.schema import (
     stored_s2_levels,
     training_data_schema,
 )
+from aegir.store.errors import one_line
 from aegir.store.lance_io.validate import validate_rows
 
 
@@ -140,7 +141,7 @@ def open_training_table(
             table = db.open_table(name)
         except (ValueError, FileNotFoundError) as exc:
             if not create:
-                raise StoreError(f"no LanceDB training table at {location}: {_first_words(exc)}") from exc
+                raise StoreError(f"no LanceDB training table at {location}: {one_line(exc, 400)}") from exc
             table = db.create_table(
                 name, schema=training_data_schema(s2_levels, h3_resolution), exist_ok=True,
                 storage_options={"new_table_data_storage_version": DATA_STORAGE_VERSION},
@@ -148,7 +149,7 @@ def open_training_table(
     except (OSError, RuntimeError, ValueError) as exc:
         if isinstance(exc, StoreError):
             raise
-        raise StoreError(f"cannot open or create the LanceDB table {location}: {_first_words(exc)}") from exc
+        raise StoreError(f"cannot open or create the LanceDB table {location}: {one_line(exc, 400)}") from exc
     problems = schema_problems(table.schema)
     missing = [f for f in ADDED_COLUMNS if f.name not in table.schema.names]
     added = {f"missing column {path}" for f in missing for path in leaf_types(pa.schema([f]))}
@@ -158,12 +159,6 @@ def open_training_table(
     if problems:
         raise StoreError(f"the table at {location} is not a training_data table: " + "; ".join(problems))
     return table
-
-
-def _first_words(exc: BaseException, limit: int = 400) -> str:
-    """An error's text on one line, cut at ``limit`` characters (lance's IO errors run to pages)."""
-    text = " ".join(str(exc).split())
-    return text if len(text) <= limit else text[:limit] + " …"
 
 
 # ---- writes, indexes, versions ------------------------------------------------------------------------------
@@ -184,7 +179,7 @@ def upsert_training_rows(table: lancedb.table.Table, rows: pa.Table | Sequence[M
     except (OSError, RuntimeError) as exc:  # the object store went away, a disk filled: lance's IO errors
         raise StoreError(f"{table.uri}: writing {batch.num_rows} rows failed and none of them was committed; the "
                          f"table stays at version {before}; re-run once the store is reachable (rows are keyed "
-                         f"by uuid, so a re-run completes the work). Cause: {_first_words(exc)}") from exc
+                         f"by uuid, so a re-run completes the work). Cause: {one_line(exc, 400)}") from exc
     return UpsertResult(
         inserted=int(result.num_inserted_rows), updated=int(result.num_updated_rows), version=int(result.version)
     )
@@ -227,7 +222,7 @@ def _create_index(table: lancedb.table.Table, column: str, missing_only: bool) -
             if "conflict" not in str(exc).lower() or attempt == INDEX_ATTEMPTS - 1:
                 raise StoreError(f"{table.uri}: building the {column} index failed; the rows are committed "
                                  f"(version {table.version}); `aegir dataset optimize` builds it later. Cause: "
-                                 f"{_first_words(exc)}") from exc
+                                 f"{one_line(exc, 400)}") from exc
             time.sleep(random.uniform(0.05, 0.2 * 2**attempt))
     raise AssertionError("unreachable")
 
